@@ -1,0 +1,423 @@
+"""``MetaFedModule``: the communication-round lifecycle every algorithm shares.
+
+One ``training_step`` is one round::
+
+    batch (TaskBatch of m sampled clients)
+      → client_updates(batch)          per-client uploads {param: [m, *shape]}, vmapped over clients
+      → aggregator(updates, weights)    weighted mean by default
+      → server optimizer step          .grad = aggregate; SGD(lr=1) is plain averaging, Adam is FedAdam
+
+Subclasses implement :meth:`client_update` (one client, pure) and, when the update is the gradient
+of a per-client loss, :meth:`client_objective`, which enables the one-backward fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_metafed.aggregators import Aggregator, Mean
+from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.functional.adapt import iterate_adaptation, select_params
+from lightning_metafed.functional.aggregate import normalize_weights
+from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, mse_loss
+from lightning_metafed.functional.updates import ClientTask
+from lightning_metafed.inner import SGD, InnerOptimizer
+
+__all__ = ["MetaFedModule", "check_norm_layers"]
+
+Params = dict[str, Tensor]
+NET_PREFIX = "net."
+
+
+def check_norm_layers(net: nn.Module) -> None:
+    """Reject normalization layers with running statistics.
+
+    Their in-place running-stat updates cannot be vectorized with ``vmap`` and, in a loop, would
+    silently mix the statistics of different clients.
+    """
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            kind = type(module).__name__
+            raise ValueError(
+                f"`net` module {name!r} ({kind}) tracks running statistics (track_running_stats=True): "
+                f"its in-place updates would mix the statistics of different clients and cannot be vectorized "
+                f"with vmap. Use {kind}(..., track_running_stats=False), nn.GroupNorm or nn.LayerNorm instead."
+            )
+
+
+def _stack_outputs(outputs: Sequence[Any]) -> Any:
+    flat = [tree_flatten(o) for o in outputs]
+    spec = flat[0][1]
+    leaves = [torch.stack(column) for column in zip(*(f[0] for f in flat))]
+    return tree_unflatten(leaves, spec)
+
+
+def _client(task: ClientTask, i: int) -> ClientTask:
+    return ClientTask(*(None if t is None else t[i] for t in task))
+
+
+class MetaFedModule(pl.LightningModule):
+    """Base LightningModule: one ``training_step`` is one round of federated (meta-)learning.
+
+    Args:
+        net: the model every client adapts. ``None`` calls :meth:`build_net` (override it in a
+            subclass to fix an architecture).
+        inner_optimizer: the clients' differentiable inner optimizer (:mod:`lightning_metafed.inner`);
+            default ``SGD(lr=0.01)``.
+        inner_steps: inner steps per client during training (``>= 0``).
+        eval_inner_steps: adaptation steps at validation/test/predict (default: ``inner_steps``).
+        task: ``"regression"`` (MSE) or ``"classification"`` (cross-entropy; accuracy is reported).
+        server_optimizer: the server optimizer, a callable ``params -> Optimizer`` (LightningCLI:
+            ``class_path: torch.optim.Adam``). Its state persists across rounds and in checkpoints.
+        server_lr_scheduler: optional scheduler callable, stepped once per round.
+        aggregator: how client updates are combined; default ``Mean(weighted=True)``.
+        vectorize: run clients with ``torch.func.vmap`` (``False``: a Python loop, same results).
+        client_chunk_size: vmap at most this many clients at once (bounds memory; same results).
+        fast_path: when the update is a loss gradient and the aggregator a mean, get the aggregate
+            with one backward of the weighted mean loss instead of per-client gradients.
+    """
+
+    #: Whether this algorithm can run its inner loop through ``higher``.
+    supports_higher: bool = False
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        task: Literal["regression", "classification"] = "regression",
+        server_optimizer: OptimizerCallable = torch.optim.Adam,
+        server_lr_scheduler: LRSchedulerCallable | None = None,
+        aggregator: Aggregator | None = None,
+        vectorize: bool = True,
+        client_chunk_size: int | None = None,
+        fast_path: bool = True,
+        inner_backend: Literal["func", "higher"] = "func",
+    ):
+        super().__init__()
+        # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
+        self.save_hyperparameters(ignore=["net", "server_optimizer", "server_lr_scheduler"])
+        self.automatic_optimization = False
+        _check_int("inner_steps", inner_steps, minimum=0)
+        if eval_inner_steps is not None:
+            _check_int("eval_inner_steps", eval_inner_steps, minimum=0)
+        if task not in ("regression", "classification"):
+            raise ValueError(f"Expected `task` to be 'regression' or 'classification', got {task!r}")
+        if client_chunk_size is not None:
+            _check_int("client_chunk_size", client_chunk_size, minimum=1)
+        if inner_backend not in ("func", "higher"):
+            raise ValueError(f"Expected `inner_backend` to be 'func' or 'higher', got {inner_backend!r}")
+        inner_optimizer = SGD(lr=0.01) if inner_optimizer is None else inner_optimizer
+        if not isinstance(inner_optimizer, InnerOptimizer):
+            raise ValueError(
+                "Expected `inner_optimizer` to be a lightning_metafed.inner.InnerOptimizer (SGD, Adam, "
+                f"TorchOptimizer), got {type(inner_optimizer).__name__}"
+            )
+        if inner_backend == "higher":
+            if not self.supports_higher:
+                raise ValueError(
+                    f"`inner_backend='higher'` is not supported by {type(self).__name__}; use inner_backend='func'"
+                )
+            from lightning_metafed._higher import require_higher
+
+            require_higher()
+            if vectorize:
+                rank_zero_warn(
+                    "inner_backend='higher' runs clients in a Python loop: higher rebinds module parameters per "
+                    "client, which torch.func.vmap cannot vectorize."
+                )
+        elif not inner_optimizer.functional:
+            raise ValueError(
+                f"`inner_optimizer` {inner_optimizer!r} only works with inner_backend='higher'; "
+                "with inner_backend='func' use lightning_metafed.inner.SGD or Adam"
+            )
+        aggregator = Mean() if aggregator is None else aggregator
+        if not isinstance(aggregator, Aggregator):
+            raise ValueError(
+                f"Expected `aggregator` to be a lightning_metafed.aggregators.Aggregator, got {type(aggregator).__name__}"
+            )
+        self.net = self.build_net() if net is None else net
+        if not isinstance(self.net, nn.Module):
+            raise ValueError(f"Expected `net` to be a torch.nn.Module, got {type(self.net).__name__}")
+        check_norm_layers(self.net)
+        self.inner_optimizer = inner_optimizer
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.task = task
+        self.server_optimizer = server_optimizer
+        self.server_lr_scheduler = server_lr_scheduler
+        self.aggregator = aggregator
+        self.vectorize = vectorize
+        self.client_chunk_size = client_chunk_size
+        self.fast_path = fast_path
+        self.inner_backend = inner_backend
+        self._vmap_error: str | None = None
+
+    # ------------------------------------------------------------------------------- extension points
+
+    def build_net(self) -> nn.Module:
+        """Build the network when none is passed; override in a subclass for a fixed architecture."""
+        raise ValueError(f"Expected `net` (a torch.nn.Module) or a {type(self).__name__} subclass overriding build_net()")
+
+    def compute_loss(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The task loss of one client's predictions (MSE or cross-entropy); override for others."""
+        if self.task == "classification":
+            return cross_entropy_loss(pred, target, mask)
+        return mse_loss(pred, target, mask)
+
+    def compute_metrics(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Metrics reported at evaluation: ``loss`` (and ``acc`` for classification)."""
+        metrics = {"loss": self.compute_loss(pred, target, mask)}
+        if self.task == "classification":
+            metrics["acc"] = accuracy(pred, target, mask)
+        return metrics
+
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, dict[str, Tensor]]:
+        """One client's upload ``{module param name: tensor}`` and detached diagnostics.
+
+        ``meta`` maps this module's parameter names (``named_parameters()``) to tensors; ``task`` is
+        one client's (unbatched) task. Must be a pure function so it can be vmapped.
+        """
+        raise NotImplementedError
+
+    #: Per-client loss whose gradient is the upload, or ``None`` (see :meth:`MAML.client_objective`).
+    client_objective: Callable[[Mapping[str, Tensor], ClientTask], tuple[Tensor, dict[str, Tensor]]] | None = None
+
+    def adaptation_kwargs(self, meta: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments for evaluation-time adaptation (``lr``, ``adapt_names``)."""
+        return {}
+
+    # --------------------------------------------------------------------------------------- helpers
+
+    def functional_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+        """``loss_fn(params, x, y, mask)`` of the functional core: ``net`` evaluated with ``params``."""
+        return self.compute_loss(torch.func.functional_call(self.net, dict(params), (x,)), y, mask)
+
+    def meta_parameters(self, detach: bool = False) -> Params:
+        """This module's parameters by name (``net.*`` and any learned extras such as inner LRs)."""
+        return {k: (p.detach() if detach else p) for k, p in self.named_parameters()}
+
+    @staticmethod
+    def net_params(meta: Mapping[str, Tensor]) -> Params:
+        """The ``net.*`` entries of ``meta``, keyed by the net's own parameter names."""
+        return {k[len(NET_PREFIX) :]: v for k, v in meta.items() if k.startswith(NET_PREFIX)}
+
+    @staticmethod
+    def prefixed(params: Mapping[str, Tensor], prefix: str = NET_PREFIX) -> Params:
+        return {prefix + k: v for k, v in params.items()}
+
+    def _vectorized(self) -> bool:
+        return self.vectorize and self.inner_backend == "func" and self._vmap_error is None
+
+    def map_clients(self, fn: Callable[..., Any], shared: Sequence[Any], tasks: ClientTask) -> Any:
+        """``fn(*shared, task_i)`` for every client, outputs stacked along dim 0.
+
+        Vectorized with ``torch.func.vmap`` (``randomness="different"``, chunked by
+        ``client_chunk_size``) unless ``vectorize=False``. If vmap fails and the loop succeeds, the
+        module warns once with vmap's error and keeps using the loop.
+        """
+        m = tasks.support_x.shape[0]
+        vmap_error = None
+        if self._vectorized():
+            in_dims = (None,) * len(shared) + (ClientTask(*(None if t is None else 0 for t in tasks)),)
+            try:
+                return torch.func.vmap(
+                    fn, in_dims=in_dims, randomness="different", chunk_size=self.client_chunk_size
+                )(*shared, tasks)
+            except Exception as err:  # noqa: BLE001 - the loop below re-raises real errors
+                vmap_error = f"{type(err).__name__}: {err}"
+        outputs = _stack_outputs([fn(*shared, _client(tasks, i)) for i in range(m)])
+        if vmap_error is not None:
+            self._vmap_error = vmap_error
+            rank_zero_warn(
+                f"torch.func.vmap could not vectorize {type(self).__name__}'s clients ({vmap_error.splitlines()[0]}); "
+                "falling back to a per-client loop, which gives the same results more slowly."
+            )
+        return outputs
+
+    def _check_batch(self, batch: Any) -> TaskBatch:
+        if isinstance(batch, TaskBatch):
+            return batch
+        if isinstance(batch, Mapping):
+            return TaskBatch(**batch)
+        raise ValueError(f"Expected `batch` to be a lightning_metafed.TaskBatch (or a dict of its fields), got {type(batch).__name__}")
+
+    # -------------------------------------------------------------------------------- client updates
+
+    def client_updates_with_aux(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Per-client uploads ``{name: [m, *shape]}`` and per-client diagnostics ``{name: [m]}``."""
+        batch = self._check_batch(batch)
+        return self.map_clients(self.client_update, (self.meta_parameters(detach=True),), batch.tasks())
+
+    def client_updates(self, batch: TaskBatch) -> Params:
+        """What each of the batch's clients uploads: ``{module param name: [m, *param.shape]}``.
+
+        With a mean aggregator and server ``SGD(lr=1)``, a training step sets
+        ``θ ← θ − mean_i(update_i)``.
+        """
+        return self.client_updates_with_aux(batch)[0]
+
+    def _use_fast_path(self) -> bool:
+        return self.fast_path and self.aggregator.is_mean and self.client_objective is not None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.server_optimizer(self.parameters())
+        if self.server_lr_scheduler is None:
+            return optimizer
+        scheduler = self.server_lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def round_gradients(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """The aggregated pseudo-gradient of one round (written to ``.grad``) and mean diagnostics."""
+        weights = batch.weight if self.aggregator.uses_weights else None
+        params = dict(self.named_parameters())
+        if self._use_fast_path():
+            losses, aux = self.map_clients(self.client_objective, (self.meta_parameters(),), batch.tasks())
+            w = normalize_weights(weights, batch.num_clients, like=losses)
+            self.manual_backward((w * losses).sum())
+            aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        else:
+            updates, aux = self.client_updates_with_aux(batch)
+            aggregate = self.aggregator(updates, weights)
+        for name, value in aggregate.items():
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"Round {self.global_step}: the aggregated update of parameter {name!r} is not finite "
+                    "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate"
+                )
+        for name, p in params.items():
+            p.grad = aggregate[name].to(p.dtype)
+        return aggregate, {k: v.mean() for k, v in aux.items()}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = self._check_batch(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        aggregate, aux = self.round_gradients(batch)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        m = batch.num_clients
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values()))
+        for key, value in aux.items():
+            self.log(f"train/{key}", value, on_step=True, prog_bar=key == "query_loss", batch_size=m)
+        self.log("train/update_norm", norm.float(), on_step=True, batch_size=m)
+        self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
+        return aux.get("query_loss", aux.get("support_loss", norm)).detach()
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def adapt_client(
+        self, meta: Mapping[str, Tensor], task: ClientTask, steps: int | None = None
+    ) -> Iterator[Params]:
+        """One client's net parameters after ``0, 1, ..., steps`` (default ``eval_inner_steps``)
+        evaluation-time inner steps on its support set (no graph to the meta-parameters)."""
+        for params, _ in iterate_adaptation(
+            self.functional_loss,
+            self.net_params(meta),
+            task.support_x,
+            task.support_y,
+            optimizer=self.inner_optimizer,
+            steps=self.eval_inner_steps if steps is None else steps,
+            mask=task.support_mask,
+            first_order=True,
+            **self.adaptation_kwargs(meta),
+        ):
+            yield params
+
+    def _eval_client(self, meta: Mapping[str, Tensor], task: ClientTask) -> dict[str, Tensor]:
+        curves: dict[str, list[Tensor]] = {}
+        for params in self.adapt_client(meta, task):
+            pred = torch.func.functional_call(self.net, params, (task.query_x,))
+            for key, value in self.compute_metrics(pred, task.query_y, task.query_mask).items():
+                curves.setdefault(key, []).append(value.detach())
+        return {k: torch.stack(v) for k, v in curves.items()}
+
+    def adaptation_curves(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Query metrics of every client after ``0..eval_inner_steps`` adaptation steps: ``{metric: [m, K+1]}``.
+
+        Adaptation starts from the meta-parameters and sees the support set only. Works under
+        Lightning's inference mode (it is switched off locally for the inner loop's gradients).
+        """
+        batch = self._check_batch(batch)
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = batch.map_tensors(lambda t: t.clone() if t.is_inference() else t)
+            if self.inner_backend == "higher":
+                from lightning_metafed._higher import higher_adaptation_curves
+
+                return higher_adaptation_curves(self, batch)
+            return self.map_clients(self._eval_client, (self.meta_parameters(detach=True),), batch.tasks())
+
+    def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        batch = self._check_batch(batch)
+        curves = self.adaptation_curves(batch)
+        results = {}
+        for key, curve in curves.items():
+            results[f"{stage}/{key}_pre"] = curve[:, 0].mean()
+            results[f"{stage}/{key}_post"] = curve[:, -1].mean()
+        for name, value in results.items():
+            self.log(name, value, on_epoch=True, prog_bar=name.endswith("_post"), batch_size=batch.num_clients, sync_dist=True)
+        return results
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Adapt each held-out client on its support set; log query metrics ``val/{loss,acc}_{pre,post}``."""
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """As :meth:`validation_step`, logged as ``test/{loss,acc}_{pre,post}``."""
+        return self._evaluate(batch, "test")
+
+    def personalize(self, batch: TaskBatch, steps: int | None = None) -> Params:
+        """Each client's adapted net parameters ``{name: [m, *shape]}`` after ``steps`` (default
+        ``eval_inner_steps``) inner steps on its support set."""
+        batch = self._check_batch(batch)
+
+        def last(meta: Mapping[str, Tensor], task: ClientTask) -> Params:
+            params: Params = {}
+            for params in self.adapt_client(meta, task, steps):
+                pass
+            return {k: v.detach() for k, v in params.items()}
+
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = batch.map_tensors(lambda t: t.clone() if t.is_inference() else t)
+            if self.inner_backend == "higher":
+                from lightning_metafed._higher import higher_personalize
+
+                return higher_personalize(self, batch, self.eval_inner_steps if steps is None else steps)
+            return self.map_clients(last, (self.meta_parameters(detach=True),), batch.tasks())
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Personalize to each client in the batch and return its query predictions ``[m, Q, ...]``."""
+        batch = self._check_batch(batch)
+        adapted = self.personalize(batch)
+        with torch.inference_mode(False), torch.no_grad():
+            return torch.stack(
+                [
+                    torch.func.functional_call(self.net, {k: v[i] for k, v in adapted.items()}, (batch.query_x[i].clone(),))
+                    for i in range(batch.num_clients)
+                ]
+            )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, got {value!r}")
+
+
+def resolve_adapt_names(net: nn.Module, patterns: Sequence[str] | str | None, argument: str = "adapt_params") -> list[str] | None:
+    """The net parameter names an inner loop adapts (``None``: all of them)."""
+    if patterns is None:
+        return None
+    return select_params([n for n, _ in net.named_parameters()], patterns, argument)

@@ -1,0 +1,80 @@
+"""FedAvg (McMahan et al., 2017), evaluated as the global model and after fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_metafed.aggregators import Aggregator
+from lightning_metafed.algorithms.base import MetaFedModule, _check_int
+from lightning_metafed.functional.updates import ClientTask, fedavg_update
+from lightning_metafed.inner import InnerOptimizer
+
+__all__ = ["FedAvg"]
+
+
+class FedAvg(MetaFedModule):
+    """FedAvg: each client trains ``local_epochs`` over its data and uploads ``θ − θ_local``.
+
+    With server ``SGD(lr=1)`` and sample-count weights the round is McMahan et al.'s weighted
+    average of the local models; with Adam it is FedAdam (Reddi et al., 2021). At evaluation the
+    ``pre`` metrics are the global model's and ``post`` are after ``eval_inner_steps`` steps of
+    fine-tuning on the support set (FedAvg + fine-tuning).
+
+    Args:
+        inner_optimizer: the clients' local optimizer (default ``SGD(lr=0.01)``), also used to
+            fine-tune at evaluation.
+        local_epochs: passes over the local data per round.
+        local_batch_size: mini-batch size of local training (``None``: full batch).
+        use_query: local data is support and query (``True``) or the support set only.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        local_epochs: int = 1,
+        local_batch_size: int | None = None,
+        eval_inner_steps: int = 1,
+        task: Literal["regression", "classification"] = "regression",
+        use_query: bool = True,
+        server_optimizer: OptimizerCallable = torch.optim.Adam,
+        server_lr_scheduler: LRSchedulerCallable | None = None,
+        aggregator: Aggregator | None = None,
+        vectorize: bool = True,
+        client_chunk_size: int | None = None,
+    ):
+        super().__init__(
+            net=net,
+            inner_optimizer=inner_optimizer,
+            inner_steps=0,
+            eval_inner_steps=eval_inner_steps,
+            task=task,
+            server_optimizer=server_optimizer,
+            server_lr_scheduler=server_lr_scheduler,
+            aggregator=aggregator,
+            vectorize=vectorize,
+            client_chunk_size=client_chunk_size,
+        )
+        _check_int("local_epochs", local_epochs, minimum=1)
+        if local_batch_size is not None:
+            _check_int("local_batch_size", local_batch_size, minimum=1)
+        self.local_epochs = local_epochs
+        self.local_batch_size = local_batch_size
+        self.use_query = bool(use_query)
+
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        update, aux = fedavg_update(
+            self.functional_loss,
+            self.net_params(meta),
+            task,
+            optimizer=self.inner_optimizer,
+            local_epochs=self.local_epochs,
+            batch_size=self.local_batch_size,
+            use_query=self.use_query,
+        )
+        return self.prefixed(update), aux

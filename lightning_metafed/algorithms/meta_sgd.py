@@ -1,0 +1,104 @@
+"""Meta-SGD (Li, Zhou, Chen & Li, 2017): meta-learned initialization and inner learning rates."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_metafed.aggregators import Aggregator
+from lightning_metafed.algorithms.maml import MAML
+from lightning_metafed.functional.updates import ClientTask, meta_sgd_update
+from lightning_metafed.inner import InnerOptimizer
+
+__all__ = ["MetaSGD"]
+
+LR_PREFIX = "inner_lrs."
+
+
+def lr_key(name: str) -> str:
+    """ParameterDict key of a net parameter's learned learning rate (dots are not allowed in keys)."""
+    return name.replace(".", "__")
+
+
+class MetaSGD(MAML):
+    """Meta-SGD: ``θ' = θ − α ∘ ∇L_support(θ)`` with ``α`` meta-learned beside ``θ``.
+
+    The learned rates live in ``self.inner_lrs`` (one tensor per adapted parameter, initialized to
+    the inner optimizer's ``lr``) and are uploaded by clients with their true meta-gradients, under
+    the keys ``inner_lrs.<name with dots as __>``.
+
+    Args:
+        lr_granularity: ``"element"`` (the paper: one rate per coordinate, shaped like the
+            parameter) or ``"tensor"`` (one scalar rate per parameter tensor).
+    """
+
+    supports_higher = False
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        task: Literal["regression", "classification"] = "regression",
+        first_order: bool = False,
+        adapt_params: list[str] | None = None,
+        lr_granularity: Literal["element", "tensor"] = "element",
+        server_optimizer: OptimizerCallable = torch.optim.Adam,
+        server_lr_scheduler: LRSchedulerCallable | None = None,
+        aggregator: Aggregator | None = None,
+        vectorize: bool = True,
+        client_chunk_size: int | None = None,
+        fast_path: bool = True,
+    ):
+        super().__init__(
+            net=net,
+            inner_optimizer=inner_optimizer,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            task=task,
+            first_order=first_order,
+            adapt_params=adapt_params,
+            server_optimizer=server_optimizer,
+            server_lr_scheduler=server_lr_scheduler,
+            aggregator=aggregator,
+            vectorize=vectorize,
+            client_chunk_size=client_chunk_size,
+            fast_path=fast_path,
+        )
+        if lr_granularity not in ("element", "tensor"):
+            raise ValueError(f"Expected `lr_granularity` to be 'element' or 'tensor', got {lr_granularity!r}")
+        named = dict(self.net.named_parameters())
+        names = self.adapt_names if self.adapt_names is not None else list(named)
+        lr = self.inner_optimizer.lr
+        self.inner_lrs = nn.ParameterDict(
+            {
+                lr_key(n): nn.Parameter(
+                    torch.full_like(named[n].detach(), lr)
+                    if lr_granularity == "element"
+                    else torch.tensor(lr, dtype=named[n].dtype, device=named[n].device)
+                )
+                for n in names
+            }
+        )
+        self._lr_names = names
+
+    def inner_lr(self, meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: meta[LR_PREFIX + lr_key(n)] for n in self._lr_names}
+
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        (grad_params, grad_lrs), aux = meta_sgd_update(
+            self.functional_loss,
+            self.net_params(meta),
+            self.inner_lr(meta),
+            task,
+            optimizer=self.inner_optimizer,
+            inner_steps=self.inner_steps,
+            first_order=self.first_order,
+            adapt_names=self.adapt_names,
+        )
+        return {**self.prefixed(grad_params), **{LR_PREFIX + lr_key(n): g for n, g in grad_lrs.items()}}, aux

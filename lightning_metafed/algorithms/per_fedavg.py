@@ -1,0 +1,105 @@
+"""Per-FedAvg (Fallah, Mokhtari & Ozdaglar, 2020), first-order and Hessian-free variants."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_metafed.aggregators import Aggregator
+from lightning_metafed.algorithms.base import MetaFedModule, _check_int
+from lightning_metafed.functional.updates import ClientTask, per_fedavg_update
+from lightning_metafed.inner import SGD, InnerOptimizer
+
+__all__ = ["PerFedAvg"]
+
+
+class PerFedAvg(MetaFedModule):
+    """Per-FedAvg: clients run ``local_steps`` local meta-steps and upload ``θ − θ_local``.
+
+    Each local step: ``θ̃ = θ − α ∇f(θ, D)`` on the support set ``D`` (``α`` is the inner
+    optimizer's ``lr``), then ``θ ← θ − β ∇f(θ̃, D')`` (``variant="fo"``) or
+    ``θ ← θ − β (I − α ∇²f(θ, D'')) ∇f(θ̃, D')`` (``variant="hf"``, exact Hessian-vector product).
+    ``D'`` is the query set; see :func:`~lightning_metafed.functional.updates.per_fedavg_update` for
+    ``hessian_batch``. Evaluation personalizes with ``eval_inner_steps`` steps of the inner optimizer.
+
+    Args:
+        variant: ``"fo"`` or ``"hf"``.
+        beta: the local meta step size ``β``.
+        local_steps: ``τ``, local meta-steps per round.
+        hessian_batch: HF's ``D''``: ``"query_split"`` (second half of the query; ``D'`` is the first
+            half) or ``"support"``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        variant: Literal["fo", "hf"] = "fo",
+        beta: float = 0.01,
+        local_steps: int = 1,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        hessian_batch: Literal["query_split", "support"] = "query_split",
+        task: Literal["regression", "classification"] = "regression",
+        server_optimizer: OptimizerCallable = torch.optim.Adam,
+        server_lr_scheduler: LRSchedulerCallable | None = None,
+        aggregator: Aggregator | None = None,
+        vectorize: bool = True,
+        client_chunk_size: int | None = None,
+    ):
+        super().__init__(
+            net=net,
+            inner_optimizer=inner_optimizer,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            task=task,
+            server_optimizer=server_optimizer,
+            server_lr_scheduler=server_lr_scheduler,
+            aggregator=aggregator,
+            vectorize=vectorize,
+            client_chunk_size=client_chunk_size,
+        )
+        if variant not in ("fo", "hf"):
+            raise ValueError(f"Expected `variant` to be 'fo' or 'hf', got {variant!r}")
+        if hessian_batch not in ("query_split", "support"):
+            raise ValueError(f"Expected `hessian_batch` to be 'query_split' or 'support', got {hessian_batch!r}")
+        if not (isinstance(beta, (int, float)) and beta > 0):
+            raise ValueError(f"Expected `beta` to be a number > 0, got {beta!r}")
+        _check_int("local_steps", local_steps, minimum=1)
+        if variant == "hf":
+            opt = self.inner_optimizer
+            if not (isinstance(opt, SGD) and opt.momentum == 0.0 and opt.weight_decay == 0.0):
+                raise ValueError(
+                    "Per-FedAvg HF's Hessian term (I - α∇²f) assumes a plain gradient step: expected "
+                    f"`inner_optimizer` to be SGD without momentum or weight decay, got {opt!r}"
+                )
+            if inner_steps != 1:
+                raise ValueError(f"Per-FedAvg HF takes exactly one inner step: expected `inner_steps` = 1, got {inner_steps!r}")
+        self.variant = variant
+        self.beta = float(beta)
+        self.local_steps = local_steps
+        self.hessian_batch = hessian_batch
+
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if self.variant == "hf" and self.hessian_batch == "query_split" and task.query_x.shape[0] < 2:
+            raise ValueError(
+                "Per-FedAvg HF with hessian_batch='query_split' needs at least 2 query examples per client, "
+                f"got {task.query_x.shape[0]}"
+            )
+        update, aux = per_fedavg_update(
+            self.functional_loss,
+            self.net_params(meta),
+            task,
+            optimizer=self.inner_optimizer,
+            alpha=self.inner_optimizer.lr,
+            beta=self.beta,
+            local_steps=self.local_steps,
+            inner_steps=self.inner_steps,
+            variant=self.variant,
+            hessian_batch=self.hessian_batch,
+        )
+        return self.prefixed(update), aux

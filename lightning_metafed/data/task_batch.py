@@ -1,0 +1,147 @@
+"""``TaskBatch``: ``m`` clients' tasks stacked along dim 0."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_metafed.functional.updates import ClientTask
+
+__all__ = ["TaskBatch"]
+
+
+@dataclass
+class TaskBatch:
+    """A batch of ``m`` client tasks.
+
+    Attributes:
+        support_x: ``[m, S, ...]`` inputs each client adapts on.
+        support_y: ``[m, S, ...]`` their targets.
+        query_x: ``[m, Q, ...]`` inputs the adapted model is scored on.
+        query_y: ``[m, Q, ...]`` their targets.
+        weight: optional ``[m]`` non-negative aggregation weights (e.g. client sample counts).
+        client_id: optional ids, a ``[m]`` tensor or a sequence of ``m`` ids.
+        support_mask: optional ``[m, S]``: 1 for real examples, 0 for padding.
+        query_mask: optional ``[m, Q]``, likewise.
+
+    Shapes are checked on construction; a mismatch raises ``ValueError`` naming the field.
+    Lightning moves the batch between devices like any dataclass.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    weight: Tensor | None = None
+    client_id: Tensor | Sequence[Any] | None = None
+    support_mask: Tensor | None = None
+    query_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"Expected `{name}` to be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() < 2:
+                raise ValueError(
+                    f"Expected `{name}` to have shape [m, n, ...] (clients, examples, ...), got shape {tuple(value.shape)}"
+                )
+        m = self.support_x.shape[0]
+        for name in ("support_y", "query_x", "query_y"):
+            if getattr(self, name).shape[0] != m:
+                raise ValueError(
+                    f"TaskBatch tensors disagree in the number of clients m: `support_x` has {m}, "
+                    f"`{name}` has {getattr(self, name).shape[0]}"
+                )
+        if self.support_y.shape[1] != self.support_x.shape[1]:
+            raise ValueError(
+                f"Expected `support_y` to have {self.support_x.shape[1]} examples per client like `support_x`, "
+                f"got {self.support_y.shape[1]}"
+            )
+        if self.query_y.shape[1] != self.query_x.shape[1]:
+            raise ValueError(
+                f"Expected `query_y` to have {self.query_x.shape[1]} examples per client like `query_x`, "
+                f"got {self.query_y.shape[1]}"
+            )
+        if self.weight is not None:
+            w = torch.as_tensor(self.weight)
+            if w.shape != (m,):
+                raise ValueError(f"Expected `weight` to have shape [{m}], got {tuple(w.shape)}")
+            if not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+                raise ValueError(f"Expected `weight` to be finite, >= 0 and not all zero, got {w.tolist()}")
+            self.weight = w
+        if self.client_id is not None and len(self.client_id) != m:
+            raise ValueError(f"Expected `client_id` to hold {m} ids, got {len(self.client_id)}")
+        for name, x in (("support_mask", self.support_x), ("query_mask", self.query_x)):
+            mask = getattr(self, name)
+            if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"Expected `{name}` to have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+
+    @property
+    def num_clients(self) -> int:
+        """``m``, the number of clients in the batch."""
+        return self.support_x.shape[0]
+
+    def tasks(self) -> ClientTask:
+        """The stacked tensors as a :class:`~lightning_metafed.functional.updates.ClientTask`."""
+        return ClientTask(
+            self.support_x, self.support_y, self.query_x, self.query_y, self.support_mask, self.query_mask
+        )
+
+    def map_tensors(self, fn) -> TaskBatch:
+        """A new batch with ``fn`` applied to every tensor field."""
+        changes = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **changes)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
+        """Move every tensor to ``device``; cast floating-point tensors (not integer labels) to ``dtype``."""
+        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def __getitem__(self, index: int | slice) -> TaskBatch:
+        """The sub-batch of clients ``index`` (an int keeps a client dim of 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        client_id = None if self.client_id is None else self.client_id[index]
+        return TaskBatch(
+            self.support_x[index],
+            self.support_y[index],
+            self.query_x[index],
+            self.query_y[index],
+            None if self.weight is None else self.weight[index],
+            client_id,
+            None if self.support_mask is None else self.support_mask[index],
+            None if self.query_mask is None else self.query_mask[index],
+        )
+
+    @staticmethod
+    def collate(tasks: Sequence[TaskBatch]) -> TaskBatch:
+        """Concatenate batches (e.g. single-client batches from a Dataset) along the client dim."""
+        if len(tasks) == 0:
+            raise ValueError("Expected at least one TaskBatch to collate, got an empty sequence")
+
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(t, name) for t in tasks]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"Cannot collate TaskBatches where only some have `{name}`")
+            return torch.cat(values, dim=0)
+
+        ids = [t.client_id for t in tasks]
+        client_id: Any = None
+        if all(i is not None for i in ids):
+            client_id = torch.cat(ids) if all(isinstance(i, Tensor) for i in ids) else [c for i in ids for c in i]
+        return TaskBatch(
+            cat("support_x"),
+            cat("support_y"),
+            cat("query_x"),
+            cat("query_y"),
+            cat("weight"),
+            client_id,
+            cat("support_mask"),
+            cat("query_mask"),
+        )

@@ -1,0 +1,42 @@
+"""Pure-torch core: inner optimizers, adaptation, client-update rules and aggregation (no Lightning)."""
+
+from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
+from lightning_metafed.functional.aggregate import normalize_weights, weighted_mean
+from lightning_metafed.functional.inner import adam_init, adam_step, sgd_init, sgd_step
+from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, masked_mean, mse_loss
+from lightning_metafed.functional.updates import (
+    ClientTask,
+    anil_update,
+    fedavg_update,
+    hvp,
+    maml_objective,
+    maml_update,
+    meta_sgd_update,
+    per_fedavg_update,
+    reptile_update,
+)
+
+__all__ = [
+    "ClientTask",
+    "accuracy",
+    "adam_init",
+    "adam_step",
+    "adapt",
+    "anil_update",
+    "cross_entropy_loss",
+    "fedavg_update",
+    "hvp",
+    "iterate_adaptation",
+    "maml_objective",
+    "maml_update",
+    "masked_mean",
+    "meta_sgd_update",
+    "mse_loss",
+    "normalize_weights",
+    "per_fedavg_update",
+    "reptile_update",
+    "select_params",
+    "sgd_init",
+    "sgd_step",
+    "weighted_mean",
+]

@@ -1,0 +1,130 @@
+"""Run a client's inner loop: K differentiable steps of an inner optimizer on its support data.
+
+``loss_fn(params, x, y, mask) -> scalar`` evaluates the model functionally (via
+``torch.func.functional_call``) with the full parameter dict ``params``. Inner gradients are taken
+with :func:`torch.func.grad`, so :func:`adapt` composes with ``torch.func.vmap`` (one call per client,
+vectorized) and with outer differentiation (``torch.func.grad`` or plain autograd) to give exact
+second-order meta-gradients.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_metafed.functional.inner import LearningRate
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, "Tensor | None"], Tensor]
+
+__all__ = ["InnerStep", "adapt", "iterate_adaptation", "select_params"]
+
+
+class InnerStep(Protocol):
+    """What :func:`adapt` needs of an inner optimizer (see :mod:`lightning_metafed.inner`)."""
+
+    def init(self, params: Mapping[str, Tensor]) -> dict[str, Any]: ...
+
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any], lr: Any = None
+    ) -> tuple[Params, dict[str, Any]]: ...
+
+
+def select_params(names: Iterable[str], patterns: Sequence[str] | str | None, argument: str = "adapt_params") -> list[str]:
+    """Names matching any of the shell-style ``patterns`` (``fnmatch``; ``None`` selects all).
+
+    Raises ``ValueError`` naming ``argument`` when a pattern matches no parameter.
+    """
+    names = list(names)
+    if patterns is None:
+        return names
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if len(patterns) == 0:
+        raise ValueError(f"Expected `{argument}` to hold at least one pattern, got {list(patterns)!r}")
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"Pattern {pattern!r} in `{argument}` matches no parameter; parameters are {names}"
+            )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def iterate_adaptation(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    optimizer: InnerStep,
+    steps: int,
+    mask: Tensor | None = None,
+    lr: LearningRate | None = None,
+    first_order: bool = False,
+    adapt_names: Sequence[str] | None = None,
+) -> Iterator[tuple[Params, Tensor | None]]:
+    """Yield ``(params_k, support_loss_k)`` for ``k = 0..steps``.
+
+    ``params_k`` is the full parameter dict after ``k`` inner steps; ``support_loss_k`` is the support
+    loss at ``params_k`` when it was computed for step ``k+1`` (``None`` for the last yield).
+
+    Each step: ``g = ∇_φ L_support(φ)`` over the adapted subset ``φ`` (``adapt_names``; all by
+    default); with ``first_order`` the gradient is detached (``stop_gradient``), which makes
+    ``dφ_K/dθ = I`` for SGD (FOMAML); then ``φ, state = optimizer.step(φ, g, state, lr)``.
+    """
+    if steps < 0:
+        raise ValueError(f"Expected `steps` >= 0, got {steps!r}")
+    params = dict(params)
+    names = list(params) if adapt_names is None else list(adapt_names)
+    fast = {k: params[k] for k in names}
+    frozen = {k: v for k, v in params.items() if k not in fast}
+
+    def inner_loss(fast_params: Params) -> Tensor:
+        return loss_fn({**frozen, **fast_params}, x, y, mask)
+
+    state = optimizer.init(fast)
+    for _ in range(steps):
+        grads, loss = torch.func.grad_and_value(inner_loss)(fast)
+        yield {**frozen, **fast}, loss
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast, state = optimizer.step(fast, grads, state, lr)
+    yield {**frozen, **fast}, None
+
+
+def adapt(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    optimizer: InnerStep,
+    steps: int,
+    mask: Tensor | None = None,
+    lr: LearningRate | None = None,
+    first_order: bool = False,
+    adapt_names: Sequence[str] | None = None,
+) -> Params:
+    """Parameters after ``steps`` inner steps on ``(x, y)``; see :func:`iterate_adaptation`.
+
+    The result stays a differentiable function of ``params`` (and of a tensor ``lr``).
+    """
+    adapted: Params = dict(params)
+    for adapted, _ in iterate_adaptation(
+        loss_fn,
+        params,
+        x,
+        y,
+        optimizer=optimizer,
+        steps=steps,
+        mask=mask,
+        lr=lr,
+        first_order=first_order,
+        adapt_names=adapt_names,
+    ):
+        pass
+    return adapted

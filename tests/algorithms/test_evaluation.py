@@ -1,0 +1,115 @@
+"""validate/test/predict under a default Trainer (inference mode) and their values."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import classification_batch, mlp, sinusoid_batch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning_metafed as lm
+from lightning_metafed.functional import adapt, cross_entropy_loss
+from lightning_metafed.inner import SGD, Adam
+
+
+def default_trainer() -> pl.Trainer:
+    # A default Trainer (inference_mode=True) with only the console noise turned off.
+    return pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def manual_metrics(model, batch, steps):
+    """Reference: adapt each client with the functional core, score its query set."""
+    losses, accs = [], []
+    for i in range(batch.num_clients):
+        params = {k: v.detach() for k, v in model.net.named_parameters()}
+        adapted = adapt(
+            model.functional_loss,
+            params,
+            batch.support_x[i],
+            batch.support_y[i],
+            optimizer=model.inner_optimizer,
+            steps=steps,
+            **model.adaptation_kwargs(model.meta_parameters(detach=True)),
+        )
+        logits = torch.func.functional_call(model.net, adapted, (batch.query_x[i],))
+        losses.append(cross_entropy_loss(logits, batch.query_y[i]))
+        accs.append((logits.argmax(-1) == batch.query_y[i]).double().mean())
+    return torch.stack(losses).mean(), torch.stack(accs).mean()
+
+
+@pytest.mark.parametrize("cls", [lm.MAML, lm.MetaSGD, lm.ANIL, lm.Reptile, lm.PerFedAvg, lm.FedAvg])
+def test_validate_and_test_report_four_metrics_with_default_trainer(cls):
+    batch = classification_batch(5)
+    kwargs = dict(inner_optimizer=SGD(lr=0.5), eval_inner_steps=3, task="classification")
+    model = cls(mlp(4, 8, 3), **kwargs)
+    loader = DataLoader([batch], batch_size=None)
+    t = default_trainer()
+    assert t.validate_loop.inference_mode and t.test_loop.inference_mode
+    val = t.validate(model, loader, verbose=False)[0]
+    test = t.test(model, loader, verbose=False)[0]
+    assert set(val) == {"val/loss_pre", "val/loss_post", "val/acc_pre", "val/acc_post"}
+    assert set(test) == {"test/loss_pre", "test/loss_post", "test/acc_pre", "test/acc_post"}
+    loss_pre, acc_pre = manual_metrics(model, batch, 0)
+    loss_post, acc_post = manual_metrics(model, batch, 3)
+    assert val["val/loss_pre"] == pytest.approx(float(loss_pre), rel=1e-6)
+    assert val["val/loss_post"] == pytest.approx(float(loss_post), rel=1e-6)
+    assert val["val/acc_pre"] == pytest.approx(float(acc_pre), abs=1e-6)
+    assert val["val/acc_post"] == pytest.approx(float(acc_post), abs=1e-6)
+    assert test["test/loss_post"] == pytest.approx(val["val/loss_post"], rel=1e-6)
+    assert val["val/loss_post"] < val["val/loss_pre"]  # adaptation on support helps on query here
+
+
+def test_adaptation_never_sees_query_data():
+    model = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.1), eval_inner_steps=2)
+    batch = sinusoid_batch(3)
+    curves = model.adaptation_curves(batch)
+    changed = lm.TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y * 7 + 3)
+    adapted_a = model.personalize(batch)
+    adapted_b = model.personalize(changed)
+    for key in adapted_a:
+        torch.testing.assert_close(adapted_a[key], adapted_b[key])
+    assert curves["loss"].shape == (3, 3)
+
+
+def test_predict_returns_personalized_query_predictions():
+    model = lm.MetaSGD(mlp(), inner_optimizer=Adam(lr=0.05), eval_inner_steps=2)
+    batch = sinusoid_batch(3, query=4)
+    preds = default_trainer().predict(model, DataLoader([batch], batch_size=None))[0]
+    assert preds.shape == (3, 4, 1)
+    for i in range(3):
+        adapted = adapt(
+            model.functional_loss,
+            {k: v.detach() for k, v in model.net.named_parameters()},
+            batch.support_x[i],
+            batch.support_y[i],
+            optimizer=model.inner_optimizer,
+            steps=2,
+            lr={n: model.inner_lrs[n.replace(".", "__")].detach() for n, _ in model.net.named_parameters()},
+        )
+        torch.testing.assert_close(preds[i], torch.func.functional_call(model.net, adapted, (batch.query_x[i],)))
+    unadapted = model.net(batch.query_x[0])
+    assert not torch.allclose(preds[0], unadapted)
+
+
+def test_fit_with_validation_improves_sinusoid_post_adaptation_loss():
+    torch.manual_seed(0)
+    train = [sinusoid_batch(16, support=10, query=10, seed=s, dtype=torch.float32) for s in range(60)]
+    val = [sinusoid_batch(32, support=10, query=10, seed=1000, dtype=torch.float32)]
+    net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    model = lm.MAML(
+        net,
+        inner_optimizer=SGD(lr=0.01),
+        inner_steps=1,
+        eval_inner_steps=5,
+        server_optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+    )
+    t = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    before = t.validate(model, DataLoader(val, batch_size=None), verbose=False)[0]
+    t.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
+    after = t.validate(model, DataLoader(val, batch_size=None), verbose=False)[0]
+    assert after["val/loss_post"] < 0.8 * before["val/loss_post"], (before, after)
+    assert after["val/loss_post"] < after["val/loss_pre"]
