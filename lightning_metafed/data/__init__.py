@@ -1,5 +1,34 @@
-"""Task data: the ``TaskBatch`` container."""
+"""Task data: ``TaskBatch``, the ``FederatedDataModule`` and its client sources, partitioners."""
 
+from lightning_metafed.data import partition
+from lightning_metafed.data.datamodule import FederatedDataModule, stack_tasks
+from lightning_metafed.data.dataset import DatasetClients
+from lightning_metafed.data.digits import DigitsClients
+from lightning_metafed.data.episodic import EpisodicClients
+from lightning_metafed.data.leaf import LEAFClients
+from lightning_metafed.data.partition import IID, Dirichlet, QuantitySkew, Shards
+from lightning_metafed.data.population import ClientData, Population
+from lightning_metafed.data.sinusoid import SinusoidClients
+from lightning_metafed.data.synthetic import SyntheticClients
 from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.data.tensors import TensorClients
 
-__all__ = ["TaskBatch"]
+__all__ = [
+    "ClientData",
+    "DatasetClients",
+    "DigitsClients",
+    "Dirichlet",
+    "EpisodicClients",
+    "FederatedDataModule",
+    "IID",
+    "LEAFClients",
+    "Population",
+    "QuantitySkew",
+    "Shards",
+    "SinusoidClients",
+    "SyntheticClients",
+    "TaskBatch",
+    "TensorClients",
+    "partition",
+    "stack_tasks",
+]

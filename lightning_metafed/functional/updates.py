@@ -68,6 +68,9 @@ def _local_data(task: ClientTask, use_query: bool) -> tuple[Tensor, Tensor, Tens
         sm = task.support_mask if task.support_mask is not None else ones(task.support_x.shape[0], device=x.device)
         qm = task.query_mask if task.query_mask is not None else ones(task.query_x.shape[0], device=x.device)
         mask = torch.cat([sm.float(), qm.float()], dim=0)
+        # Real examples first, padding last, so mini-batches hold the same real examples as unpadded data.
+        order = torch.argsort(mask, descending=True, stable=True)
+        x, y, mask = x[order], y[order], mask[order]
     return x, y, mask
 
 

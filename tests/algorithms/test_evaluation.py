@@ -113,3 +113,32 @@ def test_fit_with_validation_improves_sinusoid_post_adaptation_loss():
     after = t.validate(model, DataLoader(val, batch_size=None), verbose=False)[0]
     assert after["val/loss_post"] < 0.8 * before["val/loss_post"], (before, after)
     assert after["val/loss_post"] < after["val/loss_pre"]
+
+
+@pytest.mark.parametrize(
+    "cls", [lm.MAML, lm.Reptile, lm.FedAvg, functools.partial(lm.FedAvg, local_batch_size=3)], ids=["maml", "reptile", "fedavg", "fedavg_minibatch"]
+)
+def test_padded_clients_evaluate_and_train_like_unpadded_ones(cls):
+    """Clients of different sizes share a batch through masks; padding changes nothing."""
+    from lightning_metafed.data import stack_tasks
+
+    g = torch.Generator().manual_seed(3)
+    tasks = []
+    for s, q in [(3, 5), (6, 2), (4, 4)]:
+        x = torch.randn(s + q, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (s + q,), generator=g)
+        tasks.append((x[:s], y[:s], x[s:], y[s:]))
+    padded = stack_tasks(tasks, [1.0, 2.0, 3.0], [0, 1, 2])
+    assert padded.support_mask is not None and padded.query_mask is not None
+    model = cls(mlp(4, 6, 3), inner_optimizer=SGD(lr=0.3), eval_inner_steps=2, task="classification")
+    curves = model.adaptation_curves(padded)
+    updates = model.client_updates(padded)
+    for i, task in enumerate(tasks):
+        single = stack_tasks([task], [1.0], [i])
+        assert single.support_mask is None
+        one = model.adaptation_curves(single)
+        for key in curves:
+            torch.testing.assert_close(curves[key][i], one[key][0])
+        one_update = model.client_updates(single)
+        for key in updates:
+            torch.testing.assert_close(updates[key][i], one_update[key][0])

@@ -1,0 +1,444 @@
+"""``FederatedDataModule``: turns a client population into per-round ``TaskBatch``es.
+
+Training: round ``r`` samples ``clients_per_round`` train clients and, from each, disjoint
+``support_size`` and ``query_size`` examples. Every draw is a pure function of
+``(seed, r, client id)``, and the round index of the next batch is the trainer's ``global_step``
+(one optimizer step per round), so a run resumed from any checkpoint sees exactly the clients and
+examples an uninterrupted run would.
+
+Evaluation protocols:
+
+- ``"unseen"`` (FedMeta): clients are split into train/val/test clients (``client_split``); a
+  held-out client's data is split once into ``eval_support_size`` support examples and a query set
+  holding all the rest.
+- ``"local"`` (Per-FedAvg, pFedMe): every client's data is split into local train/val/test parts
+  (``local_split``); rounds draw from the train parts; evaluation adapts on a client's whole local
+  train part and scores its val (or test) part.
+
+Support and query never overlap. Validation/test batches hold ``eval_clients_per_batch`` clients
+each, cover every held-out client and all of its query examples, and pad clients of different
+sizes with masks (``TaskBatch.support_mask``/``query_mask``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from lightning_metafed.data.population import ClientData, LocalPartPopulation, Population, SubsetPopulation
+from lightning_metafed.data.seeding import CLIENTS, EVAL, POPULATION, TRAIN, generator, python_rng
+from lightning_metafed.data.task_batch import TaskBatch
+
+__all__ = ["FederatedDataModule", "stack_tasks"]
+
+Size = int | float
+SPLITS = ("train", "val", "test")
+#: Populations larger than this are validated lazily, client by client, instead of up front.
+EAGER_CHECK_LIMIT = 100_000
+
+
+def _check_size(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"Expected `{name}` to be an int >= 1 or a fraction in (0, 1), got {value!r}")
+    if isinstance(value, int) and value >= 1:
+        return
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return
+    raise ValueError(f"Expected `{name}` to be an int >= 1 or a fraction in (0, 1), got {value!r}")
+
+
+def _check_fractions(name: str, value: Any) -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(v) for v in value)
+    except TypeError:
+        fractions = ()
+    if len(fractions) != 3 or any(not (f >= 0) for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
+        raise ValueError(
+            f"Expected `{name}` to be three fractions (train, val, test) >= 0 summing to 1 with train > 0, got {value!r}"
+        )
+    return fractions  # type: ignore[return-value]
+
+
+def _resolve(value: Size, n: int) -> int:
+    return value if isinstance(value, int) else max(1, int(round(value * n)))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be an integer >= 1, got {value!r}")
+
+
+def stack_tasks(
+    tasks: list[tuple[Tensor, Tensor, Tensor, Tensor]], weights: list[float], ids: list[int]
+) -> TaskBatch:
+    """Stack per-client ``(support_x, support_y, query_x, query_y)`` into a TaskBatch, padding
+    clients of different sizes to the largest and marking real examples in the masks."""
+
+    def pad(tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        longest = max(t.shape[0] for t in tensors)
+        if all(t.shape[0] == longest for t in tensors):
+            return torch.stack(tensors), None
+        out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
+        mask = torch.zeros(len(tensors), longest)
+        for i, t in enumerate(tensors):
+            out[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = 1.0
+        return out, mask
+
+    sx, s_mask = pad([t[0] for t in tasks])
+    sy, _ = pad([t[1] for t in tasks])
+    qx, q_mask = pad([t[2] for t in tasks])
+    qy, _ = pad([t[3] for t in tasks])
+    return TaskBatch(
+        sx, sy, qx, qy, torch.tensor(weights, dtype=torch.float32), torch.tensor(ids, dtype=torch.long), s_mask, q_mask
+    )
+
+
+class _Rounds(IterableDataset):
+    """One TaskBatch per round, from the trainer's next round to the end of the current epoch."""
+
+    def __init__(self, datamodule: FederatedDataModule):
+        self.dm = datamodule
+        self.iterations = 0
+
+    def __len__(self) -> int:
+        return self.dm.rounds_per_epoch
+
+    def __iter__(self):
+        R = self.dm.rounds_per_epoch
+        trainer = self.dm.trainer
+        start = trainer.global_step if trainer is not None else self.iterations * R
+        self.iterations += 1
+        for r in range(start, (start // R + 1) * R):
+            yield self.dm.round_batch(r)
+
+
+class _EvalBatches(Dataset):
+    def __init__(self, datamodule: FederatedDataModule, split: str):
+        self.dm = datamodule
+        self.split = split
+        self.n = len(datamodule.population(split))
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.dm.eval_clients_per_batch)
+
+    def __getitem__(self, k: int) -> TaskBatch:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        B = self.dm.eval_clients_per_batch
+        return self.dm.eval_batch(self.split, range(k * B, min((k + 1) * B, self.n)))
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Base LightningDataModule for federated client populations; subclasses implement
+    :meth:`build_population` (or :meth:`populations` for their own train/val/test clients).
+
+    Args:
+        clients_per_round: clients sampled per training round.
+        support_size: support examples per sampled client (int, or a fraction of its data).
+        query_size: query examples per sampled client (int, or a fraction).
+        protocol: ``"unseen"`` (held-out clients) or ``"local"`` (each client's local test part).
+        client_split: ``"unseen"``: fractions of clients for (train, val, test).
+        local_split: ``"local"``: fractions of each client's examples for (train, val, test).
+        eval_support_size: ``"unseen"``: support examples of a held-out client (default
+            ``support_size``); its query set is all the rest.
+        client_sampling: ``"uniform"``, or ``"size"`` (probability proportional to sample count).
+        rounds_per_epoch: training rounds (batches) per epoch.
+        eval_clients_per_batch: held-out clients per validation/test batch.
+        replacement: allow sampling with replacement when a client has fewer examples than
+            ``support_size + query_size`` (support and query still come from disjoint examples).
+        seed: the seed of every split and draw.
+    """
+
+    #: Number of classes for classification sources (labels are checked against it); ``None`` for regression.
+    num_classes: int | None = None
+    #: Constructor arguments left out of the saved hyperparameters (data, datasets).
+    hparams_ignore: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        clients_per_round: int = 10,
+        support_size: Size = 10,
+        query_size: Size = 10,
+        protocol: Literal["unseen", "local"] = "unseen",
+        client_split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        local_split: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        eval_support_size: Size | None = None,
+        client_sampling: Literal["uniform", "size"] = "uniform",
+        rounds_per_epoch: int = 100,
+        eval_clients_per_batch: int = 32,
+        replacement: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        # Arguments that hold data or datasets are not hyperparameters (nor safe to pickle into checkpoints).
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        _positive_int("clients_per_round", clients_per_round)
+        _check_size("support_size", support_size)
+        _check_size("query_size", query_size)
+        _check_size("eval_support_size", eval_support_size, allow_none=True)
+        if protocol not in ("unseen", "local"):
+            raise ValueError(f"Expected `protocol` to be 'unseen' or 'local', got {protocol!r}")
+        if client_sampling not in ("uniform", "size"):
+            raise ValueError(f"Expected `client_sampling` to be 'uniform' or 'size', got {client_sampling!r}")
+        _positive_int("rounds_per_epoch", rounds_per_epoch)
+        _positive_int("eval_clients_per_batch", eval_clients_per_batch)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Expected `seed` to be an integer, got {seed!r}")
+        self.clients_per_round = clients_per_round
+        self.support_size = support_size
+        self.query_size = query_size
+        self.protocol = protocol
+        self.client_split = _check_fractions("client_split", client_split)
+        self.local_split = _check_fractions("local_split", local_split)
+        self.eval_support_size = support_size if eval_support_size is None else eval_support_size
+        self.client_sampling = client_sampling
+        self.rounds_per_epoch = rounds_per_epoch
+        self.eval_clients_per_batch = eval_clients_per_batch
+        self.replacement = bool(replacement)
+        self.seed = seed
+        self._populations: dict[str, Population] | None = None
+        self._train_weights: Tensor | None = None
+
+    # ----------------------------------------------------------------------------- to implement
+
+    def build_population(self) -> Population:
+        """All clients of the federation; the protocol splits them into train/val/test."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_population() or populations()")
+
+    def populations(self) -> dict[str, Population]:
+        """The train/val/test client populations under ``protocol``."""
+        population = self.build_population()
+        n = len(population)
+        if n == 0:
+            raise ValueError(f"{type(self).__name__} has no clients")
+        if self.protocol == "local":
+            return {
+                split: LocalPartPopulation(population, split, self.local_split, self.seed)
+                if fraction > 0
+                else SubsetPopulation(population, torch.empty(0, dtype=torch.long))
+                for split, fraction in zip(SPLITS, self.local_split)
+            }
+        counts = {"val": int(round(n * self.client_split[1])), "test": int(round(n * self.client_split[2]))}
+        for split, fraction in zip(("val", "test"), self.client_split[1:]):
+            if fraction > 0 and counts[split] == 0:
+                raise ValueError(
+                    f"`client_split` {self.client_split} of {n} clients leaves no {split} clients; "
+                    f"use more clients or a larger {split} fraction"
+                )
+        n_train = n - counts["val"] - counts["test"]
+        if n_train < 1:
+            raise ValueError(f"`client_split` {self.client_split} of {n} clients leaves no train clients")
+        perm = torch.randperm(n, generator=generator(self.seed, POPULATION))
+        return {
+            "train": SubsetPopulation(population, perm[:n_train]),
+            "val": SubsetPopulation(population, perm[n_train : n_train + counts["val"]]),
+            "test": SubsetPopulation(population, perm[n_train + counts["val"] :]),
+        }
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._populations is not None:
+            return
+        populations = self.populations()
+        train = populations["train"]
+        if self.clients_per_round > len(train):
+            raise ValueError(
+                f"Expected `clients_per_round` <= the {len(train)} train clients, got {self.clients_per_round}"
+            )
+        self._populations = populations
+        self._check_train_sizes(train)
+        for split in ("val", "test"):
+            self._check_eval_sizes(populations[split])
+        if self.client_sampling == "size" and train.uniform is None:
+            self._train_weights = torch.tensor([float(train.size(i)) for i in range(len(train))], dtype=torch.float64)
+
+    def population(self, split: str) -> Population:
+        """The ``"train"``, ``"val"`` or ``"test"`` clients (after :meth:`setup`)."""
+        if self._populations is None:
+            self.setup()
+        return self._populations[split]
+
+    def state_dict(self) -> dict[str, Any]:
+        # Sampling is a pure function of (seed, round, client); the round is the trainer's global step.
+        return {"seed": self.seed, "protocol": self.protocol}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed") != self.seed or state_dict.get("protocol") != self.protocol:
+            rank_zero_warn(
+                f"The checkpoint's data came from seed={state_dict.get('seed')!r}, protocol={state_dict.get('protocol')!r}; "
+                f"this data module has seed={self.seed!r}, protocol={self.protocol!r}: the resumed run will see "
+                "different clients than the original."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(_Rounds(self), batch_size=None)
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        if len(self.population(split)) == 0:
+            return []
+        return DataLoader(_EvalBatches(self, split), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    # -------------------------------------------------------------------------------- sampling
+
+    def load_client(self, population: Population, i: int) -> ClientData:
+        """Client ``i`` of ``population``, checked: matching lengths, non-empty, finite, labels in range."""
+        data = population.client(i)
+        name = population.name(i)
+        x, y = data.x, data.y
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise ValueError(f"Client {name!r}: expected x and y to be tensors, got {type(x).__name__}, {type(y).__name__}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"Client {name!r}: x has {x.shape[0]} examples but y has {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise ValueError(f"Client {name!r} has no examples")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"Client {name!r}: its features hold NaN or inf")
+        if self.num_classes is not None and ((y < 0).any() or (y >= self.num_classes).any() or y.is_floating_point()):
+            bad = y[(y < 0) | (y >= self.num_classes)] if not y.is_floating_point() else y
+            raise ValueError(
+                f"Client {name!r}: expected integer labels in [0, {self.num_classes}), got {bad[:5].tolist()}"
+            )
+        return data
+
+    def _sample_clients(self, round_idx: int) -> list[int]:
+        train = self.population("train")
+        m = self.clients_per_round
+        if self._train_weights is not None:
+            return torch.multinomial(
+                self._train_weights, m, replacement=False, generator=generator(self.seed, CLIENTS, round_idx)
+            ).tolist()
+        return python_rng(self.seed, CLIENTS, round_idx).sample(range(len(train)), m)
+
+    def _draw(self, n: int, k: int, g: torch.Generator, name: str, what: str, available: str) -> Tensor:
+        if k <= n:
+            return torch.randperm(n, generator=g)[:k]
+        if not self.replacement:
+            raise ValueError(
+                f"Expected {what} <= {n} for client {name!r} ({available}), got {k}; use fewer examples, "
+                "fractions, or replacement=True"
+            )
+        return torch.randint(n, (k,), generator=g)
+
+    def train_task(self, population: Population, i: int, round_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Disjoint support and query examples of train client ``i`` for round ``round_idx``."""
+        data = self.load_client(population, i)
+        name = population.name(i)
+        n = data.x.shape[0]
+        g = generator(self.seed, TRAIN, round_idx, population.global_id(i))
+        end = data.support_end
+        if end is None:
+            S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
+            if S + Q <= n:
+                perm = torch.randperm(n, generator=g)
+                s_idx, q_idx = perm[:S], perm[S : S + Q]
+            elif not self.replacement:
+                raise ValueError(
+                    f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
+                    f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
+                )
+            else:  # disjoint pools, each sampled with replacement
+                if n < 2:
+                    raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
+                perm = torch.randperm(n, generator=g)
+                cut = min(max(1, int(round(n * S / (S + Q)))), n - 1)
+                s_idx = perm[:cut][torch.randint(cut, (S,), generator=g)]
+                q_idx = perm[cut:][torch.randint(n - cut, (Q,), generator=g)]
+        else:
+            S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
+            s_idx = self._draw(end, S, g, name, "`support_size`", f"its support part has {end} examples")
+            q_idx = end + self._draw(n - end, Q, g, name, "`query_size`", f"its query part has {n - end} examples")
+        return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
+
+    def round_batch(self, round_idx: int) -> TaskBatch:
+        """The TaskBatch of training round ``round_idx`` (a pure function of seed and round)."""
+        train = self.population("train")
+        ids = self._sample_clients(round_idx)
+        tasks = [self.train_task(train, i, round_idx) for i in ids]
+        weights = [float(train.size(i)) for i in ids]
+        return stack_tasks(tasks, weights, [train.global_id(i) for i in ids])
+
+    def eval_task(self, population: Population, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Held-out client ``i``'s support set and its whole query set (fixed for the run)."""
+        data = self.load_client(population, i)
+        n = data.x.shape[0]
+        if data.support_end is not None:
+            s_idx, q_idx = torch.arange(data.support_end), torch.arange(data.support_end, n)
+        else:
+            S = _resolve(self.eval_support_size, n)
+            perm = torch.randperm(n, generator=generator(self.seed, EVAL, population.global_id(i)))
+            s_idx, q_idx = perm[:S], perm[S:]
+        return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
+
+    def eval_batch(self, split: str, indices: range | list[int]) -> TaskBatch:
+        """A padded TaskBatch of the held-out clients ``indices`` of ``split``."""
+        population = self.population(split)
+        tasks = [self.eval_task(population, i) for i in indices]
+        weights = [float(population.size(i)) for i in indices]
+        return stack_tasks(tasks, weights, [population.global_id(i) for i in indices])
+
+    # ------------------------------------------------------------------------------ validation
+
+    def _client_sizes(self, population: Population):
+        if population.uniform is not None:
+            return [(0, *population.uniform)] if len(population) else []
+        if len(population) > EAGER_CHECK_LIMIT:
+            return []  # checked lazily when each client is loaded
+        return [(i, population.size(i), population.support_end(i)) for i in range(len(population))]
+
+    def _check_train_sizes(self, population: Population) -> None:
+        for i, n, end in self._client_sizes(population):
+            name = population.name(i)
+            if n < 1:
+                raise ValueError(f"Client {name!r} has no examples")
+            if self.replacement:
+                continue
+            if end is None:
+                S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
+                if S + Q > n:
+                    raise ValueError(
+                        f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
+                        f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
+                    )
+            else:
+                S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
+                if S > end or Q > n - end:
+                    raise ValueError(
+                        f"Expected `support_size` <= {end} and `query_size` <= {n - end} for client {name!r} "
+                        f"(its support/query parts have {end}/{n - end} examples), got {S} and {Q}"
+                    )
+
+    def _check_eval_sizes(self, population: Population) -> None:
+        for i, n, end in self._client_sizes(population):
+            name = population.name(i)
+            if end is None:
+                S = _resolve(self.eval_support_size, n)
+                if S >= n:
+                    raise ValueError(
+                        f"Expected `eval_support_size` < {n} for held-out client {name!r} (it has {n} examples "
+                        f"and needs at least one query example), got {S}"
+                    )
+            elif end < 1 or end >= n:
+                raise ValueError(
+                    f"Held-out client {name!r} needs at least one support and one query example, "
+                    f"got {end} and {n - end}"
+                )

@@ -1,0 +1,76 @@
+"""Any map-style labelled dataset (e.g. a torchvision dataset on disk) split into clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from lightning_metafed.data.datamodule import FederatedDataModule
+from lightning_metafed.data.partition import Partitioner
+from lightning_metafed.data.partitioned import PartitionedPopulation, check_partitioner, dataset_loader
+from lightning_metafed.data.population import Population
+
+__all__ = ["DatasetClients", "dataset_labels"]
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Integer labels of a dataset: its ``targets`` attribute when present, else ``dataset[i][1]``."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).long().reshape(-1)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+class DatasetClients(FederatedDataModule):
+    """A map-style dataset of ``(x, y)`` items (``y`` an integer class) partitioned into clients.
+
+    Items are loaded (and transformed by the dataset) when a client is sampled, so only the
+    partition's indices stay in memory. From YAML::
+
+        data:
+          class_path: lightning_metafed.data.DatasetClients
+          init_args:
+            dataset:
+              class_path: torchvision.datasets.MNIST
+              init_args: {root: /data, train: true, transform: {class_path: torchvision.transforms.ToTensor}}
+            num_classes: 10
+            partitioner: {class_path: lightning_metafed.data.partition.Shards, init_args: {classes_per_client: 2}}
+
+    Args:
+        dataset: the dataset.
+        num_clients: number of clients.
+        partitioner: how examples are divided (default ``Dirichlet(alpha=0.5)``).
+        num_classes: number of classes (labels are checked against it); inferred when ``None``.
+    """
+
+    hparams_ignore = ("dataset",)
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_clients: int = 100,
+        partitioner: Partitioner | None = None,
+        num_classes: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ValueError(f"Expected `dataset` to be a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"Expected `num_clients` to be an integer >= 1, got {num_clients!r}")
+        self.dataset = dataset
+        self.num_clients = num_clients
+        self.partitioner = check_partitioner(partitioner)
+        self.num_classes = num_classes
+
+    def build_population(self) -> Population:
+        labels = dataset_labels(self.dataset)
+        if self.num_classes is None:
+            self.num_classes = int(labels.max()) + 1
+        elif (labels < 0).any() or (labels >= self.num_classes).any():
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            raise ValueError(f"Expected dataset labels in [0, {self.num_classes}) (`num_classes`), got {bad[:5].tolist()}")
+        parts = self.partitioner(labels, self.num_clients, self.seed)
+        return PartitionedPopulation(parts, dataset_loader(self.dataset))
