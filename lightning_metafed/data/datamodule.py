@@ -255,12 +255,12 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"Expected `clients_per_round` <= the {len(train)} train clients, got {self.clients_per_round}"
             )
-        self._populations = populations
         self._check_train_sizes(train)
         for split in ("val", "test"):
             self._check_eval_sizes(populations[split])
         if self.client_sampling == "size" and train.uniform is None:
             self._train_weights = torch.tensor([float(train.size(i)) for i in range(len(train))], dtype=torch.float64)
+        self._populations = populations  # only once every check passed: a failed setup can be retried
 
     def population(self, split: str) -> Population:
         """The ``"train"``, ``"val"`` or ``"test"`` clients (after :meth:`setup`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -42,9 +43,17 @@ class EpisodicClients(FederatedDataModule):
         num_eval_clients: int = 100,
         **kwargs: Any,
     ):
+        defaults = inspect.signature(FederatedDataModule.__init__).parameters
         for name in ("support_size", "query_size", "eval_support_size", "protocol", "client_split", "local_split"):
-            if name in kwargs:
-                raise ValueError(f"EpisodicClients sets `{name}` itself (from ways, shots and queries); got {name}={kwargs[name]!r}")
+            # LightningCLI passes every base argument, at its default when not set: only reject real choices.
+            if name in kwargs and kwargs[name] != defaults[name].default and not (
+                isinstance(kwargs[name], (list, tuple)) and tuple(kwargs[name]) == tuple(defaults[name].default)
+            ):
+                raise ValueError(
+                    f"EpisodicClients sets `{name}` itself (from ways, shots and queries and class_split); "
+                    f"got {name}={kwargs[name]!r}"
+                )
+            kwargs.pop(name, None)
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("num_train_clients", num_train_clients), ("num_eval_clients", num_eval_clients)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be an integer >= 1, got {value!r}")

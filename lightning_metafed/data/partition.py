@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metafed.data.seeding import generator, mix
@@ -148,6 +149,12 @@ class Shards(Partitioner):
             for j in range(k):
                 holders[order[(i * k + j) % len(order)]].append(i)
         parts: list[list[int]] = [[] for _ in range(num_clients)]
+        unheld = [c for c, clients in holders.items() if not clients]
+        if unheld:
+            rank_zero_warn(
+                f"Shards: {num_clients} clients x {k} classes cannot hold all {len(order)} classes; the examples of "
+                f"classes {sorted(unheld)} are left out of the partition"
+            )
         for c, clients in holders.items():
             if not clients:
                 continue

@@ -206,6 +206,8 @@ class LocalPartPopulation(Population):
 
     def client(self, i: int) -> ClientData:
         data = self.base.client(i)
+        if len(data.x) != len(data.y):
+            raise ValueError(f"Client {self.name(i)!r}: x has {len(data.x)} examples but y has {len(data.y)}")
         train, val, test = self.indices(i)
         if self.part == "train":
             return ClientData(data.x[train], data.y[train], None)

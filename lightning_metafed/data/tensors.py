@@ -23,6 +23,8 @@ def as_client_data(spec: ClientSpec, where: str) -> ClientData:
     if isinstance(spec, Sequence) and len(spec) == 2:
         a, b = spec
         if isinstance(a, Tensor) and isinstance(b, Tensor):
+            if a.shape[0] != b.shape[0]:
+                raise ValueError(f"{where}: x has {a.shape[0]} examples but y has {b.shape[0]}")
             return ClientData(a, b, None)
         if isinstance(a, Sequence) and isinstance(b, Sequence) and len(a) == 2 and len(b) == 2:
             (sx, sy), (qx, qy) = a, b
