@@ -301,7 +301,18 @@ class MetaFedModule(pl.LightningModule):
         return aggregate, {k: v.mean() for k, v in aux.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One communication round: client updates → aggregation → server optimizer step.
+
+        Logged every round: ``train/meta_loss`` (the clients' mean objective, e.g. MAML's post-adaptation
+        query loss; Reptile/FedAvg: the support loss before local training), ``train/update_norm`` (of
+        the aggregated update) and ``train/server_lr``; at Lightning's logging steps also
+        ``train/loss_{support,query}_{pre,post}`` from :meth:`round_diagnostics`.
+        """
         batch = self._check_batch(batch)
+        if self._logging_step():
+            # Before the update, from the same meta-parameters the clients start from.
+            for key, value in self.round_diagnostics(batch).items():
+                self.log(f"train/{key}", value, on_step=True, batch_size=batch.num_clients)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         aggregate, aux = self.round_gradients(batch)
@@ -310,12 +321,44 @@ class MetaFedModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
         m = batch.num_clients
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values()))
-        for key, value in aux.items():
-            self.log(f"train/{key}", value, on_step=True, prog_bar=key == "query_loss", batch_size=m)
-        self.log("train/update_norm", norm.float(), on_step=True, batch_size=m)
+        meta_loss = aux.get("query_loss", aux.get("support_loss"))
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values())).float()
+        if meta_loss is not None:
+            self.log("train/meta_loss", meta_loss, on_step=True, prog_bar=True, batch_size=m)
+        self.log("train/update_norm", norm, on_step=True, batch_size=m)
         self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
-        return aux.get("query_loss", aux.get("support_loss", norm)).detach()
+        self.log("round", float(self.global_step), on_step=True, prog_bar=True, logger=False, batch_size=m)
+        return (meta_loss if meta_loss is not None else norm).detach()
+
+    def _logging_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None or trainer.logger is None:
+            return False
+        return bool(trainer._logger_connector.should_update_logs)
+
+    def round_diagnostics(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Mean support and query losses of the batch's clients before (``pre``) and after
+        (``post``) ``inner_steps`` evaluation-style adaptation on their support sets.
+
+        No graph to the meta-parameters is built; it runs only at logging steps.
+        """
+        steps = self.inner_steps
+
+        def one(meta: Mapping[str, Tensor], task: ClientTask) -> dict[str, Tensor]:
+            first = last = None
+            for params in self.adapt_client(meta, task, steps):
+                first = params if first is None else first
+                last = params
+            out = {}
+            for stage, params in (("pre", first), ("post", last)):
+                out[f"loss_support_{stage}"] = self.functional_loss(params, task.support_x, task.support_y, task.support_mask).detach()
+                out[f"loss_query_{stage}"] = self.functional_loss(params, task.query_x, task.query_y, task.query_mask).detach()
+            return out
+
+        if self.inner_backend == "higher":  # evaluation-style adaptation through higher, one client at a time
+            return {}
+        values = self.map_clients(one, (self.meta_parameters(detach=True),), batch.tasks())
+        return {k: v.mean() for k, v in values.items()}
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -363,6 +406,12 @@ class MetaFedModule(pl.LightningModule):
     def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
         batch = self._check_batch(batch)
         curves = self.adaptation_curves(batch)
+        diverged = int((~torch.isfinite(curves["loss"])).any(dim=1).sum())
+        if diverged:
+            rank_zero_warn(
+                f"{stage}: adaptation diverged (non-finite loss) for {diverged} of {batch.num_clients} clients within "
+                f"{self.eval_inner_steps} steps; their metrics are NaN. Lower the inner learning rate or `eval_inner_steps`."
+            )
         results = {}
         for key, curve in curves.items():
             results[f"{stage}/{key}_pre"] = curve[:, 0].mean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -21,14 +22,15 @@ class PerFedAvg(MetaFedModule):
     """Per-FedAvg: clients run ``local_steps`` local meta-steps and upload ``θ − θ_local``.
 
     Each local step: ``θ̃ = θ − α ∇f(θ, D)`` on the support set ``D`` (``α`` is the inner
-    optimizer's ``lr``), then ``θ ← θ − β ∇f(θ̃, D')`` (``variant="fo"``) or
+    optimizer's ``lr``), then ``θ ← θ − β ∇f(θ̃, D')`` (``β`` = ``outer_lr``) (``variant="fo"``) or
     ``θ ← θ − β (I − α ∇²f(θ, D'')) ∇f(θ̃, D')`` (``variant="hf"``, exact Hessian-vector product).
     ``D'`` is the query set; see :func:`~lightning_metafed.functional.updates.per_fedavg_update` for
     ``hessian_batch``. Evaluation personalizes with ``eval_inner_steps`` steps of the inner optimizer.
 
     Args:
         variant: ``"fo"`` or ``"hf"``.
-        beta: the local meta step size ``β``.
+        outer_lr: the local meta step size ``β`` of the paper (named so that it cannot clash with
+            Synthetic(α, β)'s ``beta`` in the merged hyperparameters).
         local_steps: ``τ``, local meta-steps per round.
         hessian_batch: HF's ``D''``: ``"query_split"`` (second half of the query; ``D'`` is the first
             half) or ``"support"``.
@@ -39,7 +41,7 @@ class PerFedAvg(MetaFedModule):
         net: nn.Module | None = None,
         inner_optimizer: InnerOptimizer | None = None,
         variant: Literal["fo", "hf"] = "fo",
-        beta: float = 0.01,
+        outer_lr: float = 0.01,
         local_steps: int = 1,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
@@ -67,8 +69,8 @@ class PerFedAvg(MetaFedModule):
             raise ValueError(f"Expected `variant` to be 'fo' or 'hf', got {variant!r}")
         if hessian_batch not in ("query_split", "support"):
             raise ValueError(f"Expected `hessian_batch` to be 'query_split' or 'support', got {hessian_batch!r}")
-        if not (isinstance(beta, (int, float)) and beta > 0):
-            raise ValueError(f"Expected `beta` to be a number > 0, got {beta!r}")
+        if isinstance(outer_lr, bool) or not (isinstance(outer_lr, (int, float)) and outer_lr > 0 and math.isfinite(outer_lr)):
+            raise ValueError(f"Expected `outer_lr` to be a finite number > 0, got {outer_lr!r}")
         _check_int("local_steps", local_steps, minimum=1)
         if variant == "hf":
             opt = self.inner_optimizer
@@ -80,7 +82,7 @@ class PerFedAvg(MetaFedModule):
             if inner_steps != 1:
                 raise ValueError(f"Per-FedAvg HF takes exactly one inner step: expected `inner_steps` = 1, got {inner_steps!r}")
         self.variant = variant
-        self.beta = float(beta)
+        self.outer_lr = float(outer_lr)
         self.local_steps = local_steps
         self.hessian_batch = hessian_batch
 
@@ -96,7 +98,7 @@ class PerFedAvg(MetaFedModule):
             task,
             optimizer=self.inner_optimizer,
             alpha=self.inner_optimizer.lr,
-            beta=self.beta,
+            beta=self.outer_lr,
             local_steps=self.local_steps,
             inner_steps=self.inner_steps,
             variant=self.variant,

@@ -30,7 +30,7 @@ from lightning_metafed.inner import SGD, Adam
         (lambda: lm.MAML("mlp"), r"`net`.*str"),
         (lambda: lm.MAML(), r"`net`.*build_net"),
         (lambda: lm.PerFedAvg(mlp(), variant="so"), r"`variant`.*'so'"),
-        (lambda: lm.PerFedAvg(mlp(), beta=0), r"`beta`.*0"),
+        (lambda: lm.PerFedAvg(mlp(), outer_lr=0), r"`outer_lr`.*0"),
         (lambda: lm.PerFedAvg(mlp(), local_steps=0), r"`local_steps`.*0"),
         (lambda: lm.PerFedAvg(mlp(), variant="hf", inner_optimizer=Adam(lr=0.1)), r"`inner_optimizer`.*Adam"),
         (lambda: lm.PerFedAvg(mlp(), variant="hf", inner_steps=2), r"`inner_steps`.*2"),

@@ -142,3 +142,11 @@ def test_padded_clients_evaluate_and_train_like_unpadded_ones(cls):
         one_update = model.client_updates(single)
         for key in updates:
             torch.testing.assert_close(updates[key][i], one_update[key][0])
+
+
+def test_diverging_adaptation_warns_instead_of_silent_nan():
+    model = lm.MAML(mlp(), inner_optimizer=SGD(lr=1e6), eval_inner_steps=30)
+    loader = DataLoader([sinusoid_batch(3)], batch_size=None)
+    with pytest.warns(UserWarning, match=r"adaptation diverged .* for 3 of 3 clients"):
+        metrics = default_trainer().validate(model, loader, verbose=False)[0]
+    assert metrics["val/loss_post"] != metrics["val/loss_post"]  # NaN, reported loudly above
