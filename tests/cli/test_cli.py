@@ -152,3 +152,13 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     result = metafed("fit", "--config", str(ROOT / "configs/sinusoid/maml.yaml"), "--model.init_args.inner_steps=-3", cwd=tmp_path)
     assert result.returncode != 0
     assert "inner_steps" in result.stderr
+
+
+def test_short_class_names_and_net_class_path_from_the_command_line(tmp_path):
+    cli = build_cli(
+        ["fit", "--model=MAML", "--model.net=lightning_metafed.nets.MLP", "--model.net.hidden=[8]", "--data=SinusoidClients",
+         "--data.num_clients=100", "--data.clients_per_round=4", "--data.rounds_per_epoch=2", "--trainer.max_epochs=1",
+         "--trainer.limit_val_batches=1", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    )
+    assert type(cli.model).__name__ == "MAML" and cli.model.net[0].out_features == 8
+    assert type(cli.datamodule).__name__ == "SinusoidClients" and cli.trainer.global_step == 2
