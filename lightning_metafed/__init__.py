@@ -2,7 +2,15 @@
 
 from lightning_metafed import aggregators, functional, inner
 from lightning_metafed.aggregators import Aggregator, Mean
-from lightning_metafed.algorithms import ANIL, MAML, FedAvg, MetaFedModule, MetaSGD, PerFedAvg, Reptile
+from lightning_metafed.algorithms import (
+    ANIL,
+    MAML,
+    FedAvg,
+    MetaFedModule,
+    MetaSGD,
+    PerFedAvg,
+    Reptile,
+)
 from lightning_metafed.data import TaskBatch
 
 __version__ = "0.1.0"

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_metafed._validation import check_int
+
 __all__ = ["MLP", "ConvNet"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -26,8 +28,7 @@ class MLP(nn.Sequential):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"Expected `activation` in {sorted(_ACTIVATIONS)}, got {activation!r}")
         for name, value in (("in_features", in_features), ("out_features", out_features), *(("hidden", h) for h in hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to hold integers >= 1, got {value!r}")
+            check_int(name, value, minimum=1)
         sizes = [in_features, *hidden, out_features]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_metafed._validation import check_int
 from lightning_metafed.aggregators import Aggregator, Mean
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.functional.adapt import iterate_adaptation, select_params
@@ -107,13 +108,13 @@ class MetaFedModule(pl.LightningModule):
         # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
         self.save_hyperparameters(ignore=["net", "server_optimizer", "server_lr_scheduler"])
         self.automatic_optimization = False
-        _check_int("inner_steps", inner_steps, minimum=0)
+        check_int("inner_steps", inner_steps, minimum=0)
         if eval_inner_steps is not None:
-            _check_int("eval_inner_steps", eval_inner_steps, minimum=0)
+            check_int("eval_inner_steps", eval_inner_steps, minimum=0)
         if task not in ("regression", "classification"):
             raise ValueError(f"Expected `task` to be 'regression' or 'classification', got {task!r}")
         if client_chunk_size is not None:
-            _check_int("client_chunk_size", client_chunk_size, minimum=1)
+            check_int("client_chunk_size", client_chunk_size, minimum=1)
         if inner_backend not in ("func", "higher"):
             raise ValueError(f"Expected `inner_backend` to be 'func' or 'higher', got {inner_backend!r}")
         inner_optimizer = SGD(lr=0.01) if inner_optimizer is None else inner_optimizer
@@ -458,11 +459,6 @@ class MetaFedModule(pl.LightningModule):
                     for i in range(batch.num_clients)
                 ]
             )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, got {value!r}")
 
 
 def resolve_adapt_names(net: nn.Module, patterns: Sequence[str] | str | None, argument: str = "adapt_params") -> list[str] | None:

@@ -9,8 +9,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_metafed._validation import check_int
 from lightning_metafed.aggregators import Aggregator
-from lightning_metafed.algorithms.base import MetaFedModule, _check_int
+from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.functional.updates import ClientTask, fedavg_update
 from lightning_metafed.inner import InnerOptimizer
 
@@ -60,9 +61,9 @@ class FedAvg(MetaFedModule):
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
         )
-        _check_int("local_epochs", local_epochs, minimum=1)
+        check_int("local_epochs", local_epochs, minimum=1)
         if local_batch_size is not None:
-            _check_int("local_batch_size", local_batch_size, minimum=1)
+            check_int("local_batch_size", local_batch_size, minimum=1)
         self.local_epochs = local_epochs
         self.local_batch_size = local_batch_size
         self.use_query = bool(use_query)

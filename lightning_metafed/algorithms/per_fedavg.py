@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -10,8 +9,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.aggregators import Aggregator
-from lightning_metafed.algorithms.base import MetaFedModule, _check_int
+from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.functional.updates import ClientTask, per_fedavg_update
 from lightning_metafed.inner import SGD, InnerOptimizer
 
@@ -69,9 +69,8 @@ class PerFedAvg(MetaFedModule):
             raise ValueError(f"Expected `variant` to be 'fo' or 'hf', got {variant!r}")
         if hessian_batch not in ("query_split", "support"):
             raise ValueError(f"Expected `hessian_batch` to be 'query_split' or 'support', got {hessian_batch!r}")
-        if isinstance(outer_lr, bool) or not (isinstance(outer_lr, (int, float)) and outer_lr > 0 and math.isfinite(outer_lr)):
-            raise ValueError(f"Expected `outer_lr` to be a finite number > 0, got {outer_lr!r}")
-        _check_int("local_steps", local_steps, minimum=1)
+        check_positive("outer_lr", outer_lr)
+        check_int("local_steps", local_steps, minimum=1)
         if variant == "hf":
             opt = self.inner_optimizer
             if not (isinstance(opt, SGD) and opt.momentum == 0.0 and opt.weight_decay == 0.0):

@@ -31,8 +31,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_metafed.data.population import ClientData, LocalPartPopulation, Population, SubsetPopulation
-from lightning_metafed.data.seeding import CLIENTS, EVAL, POPULATION, TRAIN, generator, python_rng
+from lightning_metafed._validation import check_int
+from lightning_metafed.data.population import (
+    ClientData,
+    LocalPartPopulation,
+    Population,
+    SubsetPopulation,
+)
+from lightning_metafed.data.seeding import (
+    CLIENTS,
+    EVAL,
+    POPULATION,
+    TRAIN,
+    generator,
+    python_rng,
+)
 from lightning_metafed.data.task_batch import TaskBatch
 
 __all__ = ["FederatedDataModule", "stack_tasks"]
@@ -69,11 +82,6 @@ def _check_fractions(name: str, value: Any) -> tuple[float, float, float]:
 
 def _resolve(value: Size, n: int) -> int:
     return value if isinstance(value, int) else max(1, int(round(value * n)))
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be an integer >= 1, got {value!r}")
 
 
 def stack_tasks(
@@ -181,7 +189,7 @@ class FederatedDataModule(pl.LightningDataModule):
         super().__init__()
         # Arguments that hold data or datasets are not hyperparameters (nor safe to pickle into checkpoints).
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
-        _positive_int("clients_per_round", clients_per_round)
+        check_int("clients_per_round", clients_per_round, minimum=1)
         _check_size("support_size", support_size)
         _check_size("query_size", query_size)
         _check_size("eval_support_size", eval_support_size, allow_none=True)
@@ -189,10 +197,9 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `protocol` to be 'unseen' or 'local', got {protocol!r}")
         if client_sampling not in ("uniform", "size"):
             raise ValueError(f"Expected `client_sampling` to be 'uniform' or 'size', got {client_sampling!r}")
-        _positive_int("rounds_per_epoch", rounds_per_epoch)
-        _positive_int("eval_clients_per_batch", eval_clients_per_batch)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Expected `seed` to be an integer, got {seed!r}")
+        check_int("rounds_per_epoch", rounds_per_epoch, minimum=1)
+        check_int("eval_clients_per_batch", eval_clients_per_batch, minimum=1)
+        check_int("seed", seed)
         self.clients_per_round = clients_per_round
         self.support_size = support_size
         self.query_size = query_size

@@ -7,9 +7,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_metafed._validation import check_int
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.partition import Partitioner
-from lightning_metafed.data.partitioned import PartitionedPopulation, check_partitioner, dataset_loader
+from lightning_metafed.data.partitioned import (
+    PartitionedPopulation,
+    check_partitioner,
+    dataset_loader,
+)
 from lightning_metafed.data.population import Population
 
 __all__ = ["DatasetClients", "dataset_labels"]
@@ -58,8 +63,7 @@ class DatasetClients(FederatedDataModule):
         super().__init__(**kwargs)
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise ValueError(f"Expected `dataset` to be a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"Expected `num_clients` to be an integer >= 1, got {num_clients!r}")
+        check_int("num_clients", num_clients, minimum=1)
         self.dataset = dataset
         self.num_clients = num_clients
         self.partitioner = check_partitioner(partitioner)

@@ -6,9 +6,14 @@ from typing import Any
 
 import torch
 
+from lightning_metafed._validation import check_int
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.partition import Dirichlet, Partitioner
-from lightning_metafed.data.partitioned import PartitionedPopulation, check_partitioner, tensor_loader
+from lightning_metafed.data.partitioned import (
+    PartitionedPopulation,
+    check_partitioner,
+    tensor_loader,
+)
 from lightning_metafed.data.population import Population
 
 __all__ = ["DigitsClients", "load_digits_tensors"]
@@ -49,8 +54,7 @@ class DigitsClients(FederatedDataModule):
     ):
         super().__init__(support_size=support_size, query_size=query_size, **kwargs)
         self.partitioner = check_partitioner(Dirichlet(alpha=0.5, min_size=15) if partitioner is None else partitioner)
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"Expected `num_clients` to be an integer >= 1, got {num_clients!r}")
+        check_int("num_clients", num_clients, minimum=1)
         self.num_clients = num_clients
         self.images = bool(images)
 

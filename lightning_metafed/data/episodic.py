@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_metafed.data.dataset import dataset_labels
+from lightning_metafed._validation import check_int
 from lightning_metafed.data.datamodule import FederatedDataModule, _check_fractions
+from lightning_metafed.data.dataset import dataset_labels
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
 from lightning_metafed.data.seeding import POPULATION, generator
 
@@ -55,8 +56,7 @@ class EpisodicClients(FederatedDataModule):
                 )
             kwargs.pop(name, None)
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("num_train_clients", num_train_clients), ("num_eval_clients", num_eval_clients)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to be an integer >= 1, got {value!r}")
+            check_int(name, value, minimum=1)
         super().__init__(support_size=ways * shots, query_size=ways * queries, **kwargs)
         self.dataset = dataset
         self.ways, self.shots, self.queries = ways, shots, queries

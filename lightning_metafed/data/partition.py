@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.data.seeding import generator, mix
 
 __all__ = ["Partitioner", "IID", "Dirichlet", "Shards", "QuantitySkew", "fill_empty_clients"]
@@ -20,8 +21,7 @@ __all__ = ["Partitioner", "IID", "Dirichlet", "Shards", "QuantitySkew", "fill_em
 
 def _check_common(labels: Tensor, num_clients: int, min_size: int) -> Tensor:
     labels = torch.as_tensor(labels).long().reshape(-1)
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"Expected `num_clients` to be an integer >= 1, got {num_clients!r}")
+    check_int("num_clients", num_clients, minimum=1)
     if labels.numel() < num_clients * min_size:
         raise ValueError(
             f"Cannot give each of `num_clients`={num_clients} clients at least {min_size} example(s): "
@@ -49,9 +49,7 @@ class Partitioner:
     """Base class: ``partitioner(labels, num_clients, seed) -> list[LongTensor]``."""
 
     def __init__(self, min_size: int = 1):
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-            raise ValueError(f"Expected `min_size` to be an integer >= 1, got {min_size!r}")
-        self.min_size = min_size
+        self.min_size = check_int("min_size", min_size, minimum=1)
 
     def __call__(self, labels: Tensor, num_clients: int, seed: int = 0) -> list[Tensor]:
         labels = _check_common(labels, num_clients, self.min_size)
@@ -84,9 +82,7 @@ class Dirichlet(Partitioner):
 
     def __init__(self, alpha: float = 0.5, min_size: int = 1):
         super().__init__(min_size)
-        if not (isinstance(alpha, (int, float)) and alpha > 0 and alpha != float("inf")):
-            raise ValueError(f"Expected `alpha` to be a finite number > 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_positive("alpha", alpha)
 
     def split(self, labels, num_clients, seed):
         g = generator(seed, 102)
@@ -130,9 +126,7 @@ class Shards(Partitioner):
 
     def __init__(self, classes_per_client: int = 2, min_size: int = 1):
         super().__init__(min_size)
-        if isinstance(classes_per_client, bool) or not isinstance(classes_per_client, int) or classes_per_client < 1:
-            raise ValueError(f"Expected `classes_per_client` to be an integer >= 1, got {classes_per_client!r}")
-        self.classes_per_client = classes_per_client
+        self.classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1)
 
     def __call__(self, labels, num_clients, seed=0):
         labels = _check_common(labels, num_clients, self.min_size)
@@ -176,9 +170,7 @@ class QuantitySkew(Partitioner):
 
     def __init__(self, alpha: float = 0.5, min_size: int = 1):
         super().__init__(min_size)
-        if not (isinstance(alpha, (int, float)) and alpha > 0 and alpha != float("inf")):
-            raise ValueError(f"Expected `alpha` to be a finite number > 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_positive("alpha", alpha)
 
     def split(self, labels, num_clients, seed):
         g = generator(seed, 104)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
 from lightning_metafed.data.seeding import POPULATION, generator
@@ -44,12 +45,9 @@ class SinusoidClients(FederatedDataModule):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"Expected `num_clients` to be an integer >= 1, got {num_clients!r}")
-        if isinstance(examples_per_client, bool) or not isinstance(examples_per_client, int) or examples_per_client < 2:
-            raise ValueError(f"Expected `examples_per_client` to be an integer >= 2, got {examples_per_client!r}")
-        if not (noise_std >= 0 and math.isfinite(noise_std)):
-            raise ValueError(f"Expected `noise_std` to be a finite number >= 0, got {noise_std!r}")
+        check_int("num_clients", num_clients, minimum=1)
+        check_int("examples_per_client", examples_per_client, minimum=2)
+        check_positive("noise_std", noise_std, allow_zero=True)
         self.num_clients = num_clients
         self.examples_per_client = examples_per_client
         self.amplitude = _check_range("amplitude", amplitude)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, ListPopulation, Population
 from lightning_metafed.data.seeding import POPULATION, generator
@@ -43,11 +44,9 @@ class SyntheticClients(FederatedDataModule):
     ):
         super().__init__(**kwargs)
         for name, value in (("alpha", alpha), ("beta", beta), ("size_sigma", size_sigma)):
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"Expected `{name}` to be a finite number >= 0, got {value!r}")
+            check_positive(name, value, allow_zero=True)
         for name, value, low in (("num_clients", num_clients, 1), ("dimension", dimension, 1), ("num_classes", num_classes, 2), ("min_samples", min_samples, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Expected `{name}` to be an integer >= {low}, got {value!r}")
+            check_int(name, value, minimum=low)
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < min_samples):
             raise ValueError(f"Expected `max_samples` to be None or an integer >= `min_samples` ({min_samples}), got {max_samples!r}")
         self.alpha, self.beta = float(alpha), float(beta)

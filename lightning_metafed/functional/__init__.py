@@ -3,7 +3,12 @@
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import normalize_weights, weighted_mean
 from lightning_metafed.functional.inner import adam_init, adam_step, sgd_init, sgd_step
-from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, masked_mean, mse_loss
+from lightning_metafed.functional.losses import (
+    accuracy,
+    cross_entropy_loss,
+    masked_mean,
+    mse_loss,
+)
 from lightning_metafed.functional.updates import (
     ClientTask,
     anil_update,

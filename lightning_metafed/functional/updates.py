@@ -18,7 +18,11 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_metafed.functional.adapt import InnerStep, LossFn, adapt, iterate_adaptation
+from lightning_metafed.functional.adapt import (
+    InnerStep,
+    LossFn,
+    iterate_adaptation,
+)
 from lightning_metafed.functional.inner import LearningRate
 
 Params = dict[str, Tensor]

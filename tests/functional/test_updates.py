@@ -10,7 +10,6 @@ from torch import nn
 
 from lightning_metafed.functional import (
     ClientTask,
-    adapt,
     anil_update,
     fedavg_update,
     hvp,
