@@ -14,23 +14,34 @@ of a per-client loss, :meth:`client_objective`, which enables the one-backward f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.aggregators import Aggregator, Mean
+from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.functional.adapt import iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import normalize_weights
 from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, mse_loss
 from lightning_metafed.functional.updates import ClientTask
 from lightning_metafed.inner import SGD, InnerOptimizer
+from lightning_metafed.metrics import (
+    ClientRecords,
+    client_statistics,
+    curve_figure,
+    format_summary,
+    write_client_csv,
+)
 
 __all__ = ["MetaFedModule", "check_norm_layers"]
 
@@ -162,6 +173,10 @@ class MetaFedModule(pl.LightningModule):
         self.fast_path = fast_path
         self.inner_backend = inner_backend
         self._vmap_error: str | None = None
+        self.eval_records = nn.ModuleDict({"val": ClientRecords(), "test": ClientRecords()})
+        self._eval_position = 0
+        #: Cumulative communication (bytes), saved in checkpoints.
+        self.communication = {"rounds": 0, "download_bytes": 0, "upload_bytes": 0}
 
     # ------------------------------------------------------------------------------- extension points
 
@@ -288,9 +303,12 @@ class MetaFedModule(pl.LightningModule):
             w = normalize_weights(weights, batch.num_clients, like=losses)
             self.manual_backward((w * losses).sum())
             aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+            upload = payload_bytes(params)  # each client's upload is its gradient w.r.t. every parameter
         else:
             updates, aux = self.client_updates_with_aux(batch)
             aggregate = self.aggregator(updates, weights)
+            upload = payload_bytes({k: u[0] for k, u in updates.items()})
+        self._count_communication(batch.num_clients, download=payload_bytes(params), upload=upload)
         for name, value in aggregate.items():
             if not torch.isfinite(value).all():
                 raise FloatingPointError(
@@ -329,7 +347,39 @@ class MetaFedModule(pl.LightningModule):
         self.log("train/update_norm", norm, on_step=True, batch_size=m)
         self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
         self.log("round", float(self.global_step), on_step=True, prog_bar=True, logger=False, batch_size=m)
+        for key, value in self._round_communication.items():
+            self.log(f"comm/{key}", float(value), on_step=True, batch_size=m)
         return (meta_loss if meta_loss is not None else norm).detach()
+
+    def _count_communication(self, clients: int, download: int, upload: int) -> None:
+        """Bytes of this round: ``download`` (parameters) and ``upload`` (update) per client."""
+        self.communication["rounds"] += 1
+        self.communication["download_bytes"] += clients * download
+        self.communication["upload_bytes"] += clients * upload
+        self._round_communication = {
+            "download_bytes": clients * download,
+            "upload_bytes": clients * upload,
+            "download_bytes_per_client": download,
+            "upload_bytes_per_client": upload,
+            "total_download_bytes": self.communication["download_bytes"],
+            "total_upload_bytes": self.communication["upload_bytes"],
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metafed_communication"] = dict(self.communication)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.communication = dict(checkpoint.get("metafed_communication", self.communication))
+
+    def on_fit_end(self) -> None:
+        c = self.communication
+        if c["rounds"]:
+            _print(
+                f"Communication over {c['rounds']} rounds: {c['download_bytes'] / 1e6:.3f} MB downloaded, "
+                f"{c['upload_bytes'] / 1e6:.3f} MB uploaded (per client per round: "
+                f"{self._round_communication['download_bytes_per_client'] / 1e3:.2f} kB down, "
+                f"{self._round_communication['upload_bytes_per_client'] / 1e3:.2f} kB up)"
+            )
 
     def _logging_step(self) -> bool:
         trainer = self._trainer
@@ -413,13 +463,81 @@ class MetaFedModule(pl.LightningModule):
                 f"{stage}: adaptation diverged (non-finite loss) for {diverged} of {batch.num_clients} clients within "
                 f"{self.eval_inner_steps} steps; their metrics are NaN. Lower the inner learning rate or `eval_inner_steps`."
             )
-        results = {}
-        for key, curve in curves.items():
-            results[f"{stage}/{key}_pre"] = curve[:, 0].mean()
-            results[f"{stage}/{key}_post"] = curve[:, -1].mean()
-        for name, value in results.items():
-            self.log(name, value, on_epoch=True, prog_bar=name.endswith("_post"), batch_size=batch.num_clients, sync_dist=True)
-        return results
+        m = batch.num_clients
+        device = batch.support_x.device
+
+        def count(mask: Tensor | None, n: int) -> Tensor:
+            return torch.full((m,), n, device=device) if mask is None else mask.sum(1)
+
+        if isinstance(batch.client_id, Tensor):
+            ids = batch.client_id.to(device)
+        else:  # no integer ids: number clients by their position in the epoch
+            ids = torch.arange(self._eval_position, self._eval_position + m, device=device)
+        self._eval_position += m
+        self.eval_records[stage].update(
+            ids, count(batch.support_mask, batch.support_x.shape[1]), count(batch.query_mask, batch.query_x.shape[1]), curves
+        )
+        return {f"{stage}/{k}_{s}": c[:, i].mean() for k, c in curves.items() for s, i in (("pre", 0), ("post", -1))}
+
+    def _start_evaluation(self, stage: str) -> None:
+        self.eval_records[stage].reset()
+        self._eval_position = 0
+
+    def _summarize_evaluation(self, stage: str) -> dict[str, dict[str, Tensor]]:
+        """Log adaptation curves and per-client statistics of the epoch's held-out clients.
+
+        Logged: ``{stage}/{metric}_{pre,post}`` (means over clients), ``_post_weighted`` (weighted
+        by query size), ``_post_std``, ``_post_worst10``, ``{stage}/{metric}_step{k}`` (the curve),
+        ``{stage}/improved`` (fraction of clients whose loss fell); in TensorBoard also a histogram of
+        per-client post metrics and the curve figure; a per-client CSV in the run's log directory.
+        """
+        records = self.eval_records[stage]
+        if not records.rows.update_called:
+            return {}
+        ids, n_support, n_query, curves = records.compute()
+        records.reset()
+        stats = {k: client_statistics(c[:, 0], c[:, -1], n_query, k) for k, c in curves.items()}
+        for metric, values in stats.items():
+            for name, value in values.items():
+                if name == "improved":
+                    if metric == "loss":
+                        self.log(f"{stage}/improved", value.float())
+                    continue
+                self.log(f"{stage}/{metric}_{name}", value.float(), prog_bar=name == "post")
+            for k in range(curves[metric].shape[1]):
+                self.log(f"{stage}/{metric}_step{k}", curves[metric][:, k].mean().float())
+        trainer = self._trainer
+        if trainer is not None and not trainer.sanity_checking:
+            self._write_evaluation_artifacts(stage, ids, n_support, n_query, curves)
+            if stage == "test":
+                _print(format_summary(stats, stage, len(ids)))
+        return stats
+
+    @rank_zero_only
+    def _write_evaluation_artifacts(self, stage, ids, n_support, n_query, curves) -> None:
+        trainer = self.trainer
+        if trainer.log_dir is not None:
+            write_client_csv(Path(trainer.log_dir) / f"{stage}_clients.csv", ids, n_support, n_query, curves)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment
+                for metric, curve in curves.items():
+                    writer.add_histogram(f"{stage}/{metric}_post_per_client", curve[:, -1].float().cpu(), self.global_step)
+                figure = curve_figure(curves, f"{stage}: held-out clients, step {self.global_step}")
+                if figure is not None:
+                    writer.add_figure(f"{stage}/adaptation_curve", figure, self.global_step)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._summarize_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._summarize_evaluation("test")
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Adapt each held-out client on its support set; log query metrics ``val/{loss,acc}_{pre,post}``."""
@@ -459,6 +577,9 @@ class MetaFedModule(pl.LightningModule):
                     for i in range(batch.num_clients)
                 ]
             )
+
+
+_print = rank_zero_only(print)
 
 
 def resolve_adapt_names(net: nn.Module, patterns: Sequence[str] | str | None, argument: str = "adapt_params") -> list[str] | None:
