@@ -51,6 +51,7 @@ class ANIL(MAML):
         client_chunk_size: int | None = None,
         fast_path: bool = True,
         inner_backend: Literal["func", "higher"] = "func",
+        compile_clients: bool = False,
     ):
         super().__init__(
             net=net,
@@ -65,6 +66,7 @@ class ANIL(MAML):
             aggregator=aggregator,
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
+            compile_clients=compile_clients,
             fast_path=fast_path,
             inner_backend=inner_backend,
         )

@@ -95,6 +95,9 @@ class MetaFedModule(pl.LightningModule):
         client_chunk_size: vmap at most this many clients at once (bounds memory; same results).
         fast_path: when the update is a loss gradient and the aggregator a mean, get the aggregate
             with one backward of the weighted mean loss instead of per-client gradients.
+        compile_clients: ``torch.compile`` the vectorized per-client training computation (2-3x
+            faster per round on the sinusoid benchmark after a one-off compilation of about half a
+            minute; recompiles when batch shapes change). Off by default.
     """
 
     #: Whether this algorithm can run its inner loop through ``higher``.
@@ -114,6 +117,7 @@ class MetaFedModule(pl.LightningModule):
         client_chunk_size: int | None = None,
         fast_path: bool = True,
         inner_backend: Literal["func", "higher"] = "func",
+        compile_clients: bool = False,
     ):
         super().__init__()
         # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
@@ -172,6 +176,8 @@ class MetaFedModule(pl.LightningModule):
         self.client_chunk_size = client_chunk_size
         self.fast_path = fast_path
         self.inner_backend = inner_backend
+        self.compile_clients = bool(compile_clients)
+        self._compiled: dict[Any, Callable[..., Any]] = {}
         self._vmap_error: str | None = None
         self.eval_records = nn.ModuleDict({"val": ClientRecords(), "test": ClientRecords()})
         self._eval_position = 0
@@ -234,7 +240,9 @@ class MetaFedModule(pl.LightningModule):
     def _vectorized(self) -> bool:
         return self.vectorize and self.inner_backend == "func" and self._vmap_error is None
 
-    def map_clients(self, fn: Callable[..., Any], shared: Sequence[Any], tasks: ClientTask) -> Any:
+    def map_clients(
+        self, fn: Callable[..., Any], shared: Sequence[Any], tasks: ClientTask, chunked: bool = True, compiled: bool = False
+    ) -> Any:
         """``fn(*shared, task_i)`` for every client, outputs stacked along dim 0.
 
         Vectorized with ``torch.func.vmap`` (``randomness="different"``, chunked by
@@ -245,10 +253,16 @@ class MetaFedModule(pl.LightningModule):
         vmap_error = None
         if self._vectorized():
             in_dims = (None,) * len(shared) + (ClientTask(*(None if t is None else 0 for t in tasks)),)
+            chunk_size = self.client_chunk_size if chunked else None
             try:
-                return torch.func.vmap(
-                    fn, in_dims=in_dims, randomness="different", chunk_size=self.client_chunk_size
-                )(*shared, tasks)
+                if compiled and self.compile_clients:
+                    key = (getattr(fn, "__func__", fn), repr(in_dims), chunk_size)
+                    if key not in self._compiled:
+                        self._compiled[key] = torch.compile(
+                            torch.func.vmap(fn, in_dims=in_dims, randomness="different", chunk_size=chunk_size)
+                        )
+                    return self._compiled[key](*shared, tasks)
+                return torch.func.vmap(fn, in_dims=in_dims, randomness="different", chunk_size=chunk_size)(*shared, tasks)
             except Exception as err:  # noqa: BLE001 - the loop below re-raises real errors
                 vmap_error = f"{type(err).__name__}: {err}"
         outputs = _stack_outputs([fn(*shared, _client(tasks, i)) for i in range(m)])
@@ -272,7 +286,7 @@ class MetaFedModule(pl.LightningModule):
     def client_updates_with_aux(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """Per-client uploads ``{name: [m, *shape]}`` and per-client diagnostics ``{name: [m]}``."""
         batch = self._check_batch(batch)
-        return self.map_clients(self.client_update, (self.meta_parameters(detach=True),), batch.tasks())
+        return self.map_clients(self.client_update, (self.meta_parameters(detach=True),), batch.tasks(), compiled=True)
 
     def client_updates(self, batch: TaskBatch) -> Params:
         """What each of the batch's clients uploads: ``{module param name: [m, *param.shape]}``.
@@ -299,9 +313,7 @@ class MetaFedModule(pl.LightningModule):
         weights = batch.weight if self.aggregator.uses_weights else None
         params = dict(self.named_parameters())
         if self._use_fast_path():
-            losses, aux = self.map_clients(self.client_objective, (self.meta_parameters(),), batch.tasks())
-            w = normalize_weights(weights, batch.num_clients, like=losses)
-            self.manual_backward((w * losses).sum())
+            aux = self._fast_path_backward(batch, weights)
             aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
             upload = payload_bytes(params)  # each client's upload is its gradient w.r.t. every parameter
         else:
@@ -309,15 +321,38 @@ class MetaFedModule(pl.LightningModule):
             aggregate = self.aggregator(updates, weights)
             upload = payload_bytes({k: u[0] for k, u in updates.items()})
         self._count_communication(batch.num_clients, download=payload_bytes(params), upload=upload)
-        for name, value in aggregate.items():
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"Round {self.global_step}: the aggregated update of parameter {name!r} is not finite "
-                    "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate"
-                )
+        if not bool(torch.stack([torch.isfinite(v).all() for v in aggregate.values()]).all()):  # one sync per round
+            name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
+            raise FloatingPointError(
+                f"Round {self.global_step}: the aggregated update of parameter {name!r} is not finite "
+                "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate"
+            )
         for name, p in params.items():
             p.grad = aggregate[name].to(p.dtype)
         return aggregate, {k: v.mean() for k, v in aux.items()}
+
+    def _fast_path_backward(self, batch: TaskBatch, weights: Tensor | None) -> dict[str, Tensor]:
+        """``backward(Σ_i w_i L_i)``: the weighted-mean meta-gradient into ``.grad``.
+
+        With ``client_chunk_size`` the clients are processed (and back-propagated) a chunk at a
+        time, so only one chunk's graph is alive at once; gradients accumulate to the same sum.
+        """
+        tasks, m = batch.tasks(), batch.num_clients
+        chunk = self.client_chunk_size or m
+        w_all = None
+        aux_parts = []
+        for start in range(0, m, chunk):
+            part = ClientTask(*(None if t is None else t[start : start + chunk] for t in tasks))
+            losses, aux = self.map_clients(self.client_objective, (self.meta_parameters(),), part, chunked=False, compiled=True)
+            if w_all is None:
+                w_all = normalize_weights(weights, m, like=losses)
+            loss = (w_all[start : start + chunk] * losses).sum()
+            if self._trainer is None:  # used directly, outside a Trainer
+                loss.backward()
+            else:
+                self.manual_backward(loss)
+            aux_parts.append(aux)
+        return {k: torch.cat([a[k] for a in aux_parts]) for k in aux_parts[0]}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One communication round: client updates → aggregation → server optimizer step.
@@ -328,7 +363,8 @@ class MetaFedModule(pl.LightningModule):
         ``train/loss_{support,query}_{pre,post}`` from :meth:`round_diagnostics`.
         """
         batch = self._check_batch(batch)
-        if self._logging_step():
+        logging_step = self._logging_step()
+        if logging_step:
             # Before the update, from the same meta-parameters the clients start from.
             for key, value in self.round_diagnostics(batch).items():
                 self.log(f"train/{key}", value, on_step=True, batch_size=batch.num_clients)
@@ -341,15 +377,16 @@ class MetaFedModule(pl.LightningModule):
             scheduler.step()
         m = batch.num_clients
         meta_loss = aux.get("query_loss", aux.get("support_loss"))
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values())).float()
         if meta_loss is not None:
             self.log("train/meta_loss", meta_loss, on_step=True, prog_bar=True, batch_size=m)
-        self.log("train/update_norm", norm, on_step=True, batch_size=m)
-        self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
         self.log("round", float(self.global_step), on_step=True, prog_bar=True, logger=False, batch_size=m)
-        for key, value in self._round_communication.items():
-            self.log(f"comm/{key}", float(value), on_step=True, batch_size=m)
-        return (meta_loss if meta_loss is not None else norm).detach()
+        if logging_step:  # values the logger would not write on other steps: skip their cost there
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values())).float()
+            self.log("train/update_norm", norm, on_step=True, batch_size=m)
+            self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
+            for key, value in self._round_communication.items():
+                self.log(f"comm/{key}", float(value), on_step=True, batch_size=m)
+        return meta_loss.detach() if meta_loss is not None else None
 
     def _count_communication(self, clients: int, download: int, upload: int) -> None:
         """Bytes of this round: ``download`` (parameters) and ``upload`` (update) per client."""

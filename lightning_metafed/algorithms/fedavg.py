@@ -48,6 +48,7 @@ class FedAvg(MetaFedModule):
         aggregator: Aggregator | None = None,
         vectorize: bool = True,
         client_chunk_size: int | None = None,
+        compile_clients: bool = False,
     ):
         super().__init__(
             net=net,
@@ -60,6 +61,7 @@ class FedAvg(MetaFedModule):
             aggregator=aggregator,
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
+            compile_clients=compile_clients,
         )
         check_int("local_epochs", local_epochs, minimum=1)
         if local_batch_size is not None:

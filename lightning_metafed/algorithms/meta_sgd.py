@@ -54,6 +54,7 @@ class MetaSGD(MAML):
         vectorize: bool = True,
         client_chunk_size: int | None = None,
         fast_path: bool = True,
+        compile_clients: bool = False,
     ):
         super().__init__(
             net=net,
@@ -68,6 +69,7 @@ class MetaSGD(MAML):
             aggregator=aggregator,
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
+            compile_clients=compile_clients,
             fast_path=fast_path,
         )
         if lr_granularity not in ("element", "tensor"):

@@ -52,6 +52,7 @@ class PerFedAvg(MetaFedModule):
         aggregator: Aggregator | None = None,
         vectorize: bool = True,
         client_chunk_size: int | None = None,
+        compile_clients: bool = False,
     ):
         super().__init__(
             net=net,
@@ -64,6 +65,7 @@ class PerFedAvg(MetaFedModule):
             aggregator=aggregator,
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
+            compile_clients=compile_clients,
         )
         if variant not in ("fo", "hf"):
             raise ValueError(f"Expected `variant` to be 'fo' or 'hf', got {variant!r}")

@@ -41,6 +41,7 @@ class Reptile(MetaFedModule):
         aggregator: Aggregator | None = None,
         vectorize: bool = True,
         client_chunk_size: int | None = None,
+        compile_clients: bool = False,
     ):
         super().__init__(
             net=net,
@@ -53,6 +54,7 @@ class Reptile(MetaFedModule):
             aggregator=aggregator,
             vectorize=vectorize,
             client_chunk_size=client_chunk_size,
+            compile_clients=compile_clients,
         )
         self.use_query = bool(use_query)
 

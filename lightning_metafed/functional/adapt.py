@@ -69,8 +69,8 @@ def iterate_adaptation(
 ) -> Iterator[tuple[Params, Tensor | None]]:
     """Yield ``(params_k, support_loss_k)`` for ``k = 0..steps``.
 
-    ``params_k`` is the full parameter dict after ``k`` inner steps; ``support_loss_k`` is the support
-    loss at ``params_k`` when it was computed for step ``k+1`` (``None`` for the last yield).
+    ``params_k`` is the full parameter dict after ``k`` inner steps; ``support_loss_k`` is the
+    (detached) support loss at ``params_k`` computed for step ``k+1`` (``None`` for the last yield).
 
     Each step: ``g = ∇_φ L_support(φ)`` over the adapted subset ``φ`` (``adapt_names``; all by
     default); with ``first_order`` the gradient is detached (``stop_gradient``), which makes
@@ -89,6 +89,8 @@ def iterate_adaptation(
     state = optimizer.init(fast)
     for _ in range(steps):
         grads, loss = torch.func.grad_and_value(inner_loss)(fast)
+        # The loss is a diagnostic: detached, so its forward graph is not kept alive into the next step.
+        loss = loss.detach()
         yield {**frozen, **fast}, loss
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}

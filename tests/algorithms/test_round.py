@@ -195,3 +195,46 @@ def test_classification_round_uses_cross_entropy():
     expected = torch.autograd.grad(lq, params)
     for n, e in zip(names, expected):
         torch.testing.assert_close(updates["net." + n][0], e)
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "anil"])
+def test_chunked_fast_path_equals_unchunked(name):
+    batch = sinusoid_batch(7)
+    results = []
+    for chunk in (None, 3):
+        model = ALGORITHMS[name](server_optimizer=SERVER_SGD_1, client_chunk_size=chunk)
+        assert model._use_fast_path()
+        trainer(max_steps=1).fit(model, loader(batch))
+        results.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key])
+
+
+def test_first_order_graph_memory_is_flat_in_inner_steps_and_second_order_grows_linearly():
+    from lightning_metafed.diagnostics import graph_saved_bytes
+
+    batch = sinusoid_batch(8, support=20)
+
+    def graph_bytes(steps, first_order, chunk=None):
+        model = lm.MAML(mlp(hidden=32), inner_optimizer=SGD(lr=0.01), inner_steps=steps, first_order=first_order)
+        tasks = batch[: chunk or 8].tasks()
+        losses, _ = model.map_clients(model.client_objective, (model.meta_parameters(),), tasks)
+        return graph_saved_bytes(losses.sum())
+
+    fo = [graph_bytes(k, True) for k in (1, 5, 20)]
+    so = [graph_bytes(k, False) for k in (1, 5, 20)]
+    assert fo[0] == fo[1] == fo[2]
+    per_step = so[1] - so[0]
+    assert per_step > 0 and so[2] - so[1] == pytest.approx(15 / 4 * per_step, rel=0.05)  # linear in steps
+    assert graph_bytes(5, False, chunk=2) < 0.3 * so[1]  # a chunk of 2 of 8 clients holds about a quarter
+
+
+def test_compiled_clients_equal_eager():
+    batch = sinusoid_batch(4)
+    eager = lm.MAML(mlp(hidden=4), inner_optimizer=SGD(lr=0.05), inner_steps=2)
+    compiled = lm.MAML(mlp(hidden=4), inner_optimizer=SGD(lr=0.05), inner_steps=2, compile_clients=True)
+    for model in (eager, compiled):
+        model.round_gradients(batch)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert len(compiled._compiled) == 1 and compiled._vmap_error is None
