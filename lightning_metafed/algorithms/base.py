@@ -13,6 +13,7 @@ of a per-client loss, :meth:`client_objective`, which enables the one-backward f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -309,18 +310,35 @@ class MetaFedModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def round_gradients(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """The aggregated pseudo-gradient of one round (written to ``.grad``) and mean diagnostics."""
+        """The aggregated pseudo-gradient of one round (written to ``.grad``) and mean diagnostics.
+
+        Under DDP each process computes a disjoint, contiguous share of the round's clients; the
+        result equals one process computing all of them (weights are normalized over the whole
+        round, so unequal shares stay exact).
+        """
         weights = batch.weight if self.aggregator.uses_weights else None
         params = dict(self.named_parameters())
+        m = batch.num_clients
+        world, _ = self._world()
+        if m < world:
+            raise ValueError(
+                f"Expected `clients_per_round` >= the {world} DDP processes (each takes a share of the round's "
+                f"clients), got a round of {m} clients"
+            )
+        lo, hi = self._share(m)
         if self._use_fast_path():
-            aux = self._fast_path_backward(batch, weights)
+            aux = self._fast_path_backward(batch, weights, lo, hi)
             aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
             upload = payload_bytes(params)  # each client's upload is its gradient w.r.t. every parameter
         else:
-            updates, aux = self.client_updates_with_aux(batch)
-            aggregate = self.aggregator(updates, weights)
+            updates, aux = self.client_updates_with_aux(batch[lo:hi])
             upload = payload_bytes({k: u[0] for k, u in updates.items()})
-        self._count_communication(batch.num_clients, download=payload_bytes(params), upload=upload)
+            if world > 1:
+                updates = self._gather_clients(updates, m)
+            aggregate = self.aggregator(updates, weights)
+        if world > 1:
+            aux = self._gather_clients(aux, m)
+        self._count_communication(m, download=payload_bytes(params), upload=upload)
         if not bool(torch.stack([torch.isfinite(v).all() for v in aggregate.values()]).all()):  # one sync per round
             name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
             raise FloatingPointError(
@@ -331,26 +349,61 @@ class MetaFedModule(pl.LightningModule):
             p.grad = aggregate[name].to(p.dtype)
         return aggregate, {k: v.mean() for k, v in aux.items()}
 
-    def _fast_path_backward(self, batch: TaskBatch, weights: Tensor | None) -> dict[str, Tensor]:
-        """``backward(Σ_i w_i L_i)``: the weighted-mean meta-gradient into ``.grad``.
+    def _world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the running Trainer (``(1, 0)`` outside one)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _share(self, m: int) -> tuple[int, int]:
+        """This process's contiguous share ``[lo, hi)`` of a round's ``m`` clients."""
+        world, rank = self._world()
+        return m * rank // world, m * (rank + 1) // world
+
+    def _gather_clients(self, values: Mapping[str, Tensor], m: int) -> dict[str, Tensor]:
+        """Every process's per-client rows, in client order: ``{name: [m, ...]}`` on every process."""
+        world, _ = self._world()
+        bounds = [m * r // world for r in range(world + 1)]
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        padded = {k: torch.cat([v, v.new_zeros((longest - v.shape[0], *v.shape[1:]))]) for k, v in values.items()}
+        gathered = self.all_gather(padded)  # {name: [world, longest, ...]}
+        return {
+            k: torch.cat([g[r, : bounds[r + 1] - bounds[r]] for r in range(world)]) for k, g in gathered.items()
+        }
+
+    def _fast_path_backward(self, batch: TaskBatch, weights: Tensor | None, lo: int, hi: int) -> dict[str, Tensor]:
+        """``backward(Σ_i w_i L_i)`` over this process's clients ``[lo, hi)``: the weighted-mean
+        meta-gradient into ``.grad`` (under DDP the processes' shares add up to it).
 
         With ``client_chunk_size`` the clients are processed (and back-propagated) a chunk at a
         time, so only one chunk's graph is alive at once; gradients accumulate to the same sum.
         """
         tasks, m = batch.tasks(), batch.num_clients
-        chunk = self.client_chunk_size or m
+        world, _ = self._world()
+        chunk = self.client_chunk_size or max(hi - lo, 1)
+        starts = list(range(lo, hi, chunk))
         w_all = None
         aux_parts = []
-        for start in range(0, m, chunk):
-            part = ClientTask(*(None if t is None else t[start : start + chunk] for t in tasks))
+        for j, start in enumerate(starts):
+            stop = min(start + chunk, hi)
+            part = ClientTask(*(None if t is None else t[start:stop] for t in tasks))
             losses, aux = self.map_clients(self.client_objective, (self.meta_parameters(),), part, chunked=False, compiled=True)
             if w_all is None:
                 w_all = normalize_weights(weights, m, like=losses)
-            loss = (w_all[start : start + chunk] * losses).sum()
+            loss = (w_all[start:stop] * losses).sum()
             if self._trainer is None:  # used directly, outside a Trainer
                 loss.backward()
             else:
-                self.manual_backward(loss)
+                if world > 1:
+                    # DDP averages gradients over processes; the shares must add up instead. The zero
+                    # term makes every parameter take part in every process's backward.
+                    loss = world * loss + 0.0 * sum(p.sum() for p in self.parameters())
+                model = self.trainer.model
+                last = j == len(starts) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:  # one gradient all-reduce per round, after the last chunk
+                    self.manual_backward(loss)
             aux_parts.append(aux)
         return {k: torch.cat([a[k] for a in aux_parts]) for k in aux_parts[0]}
 
@@ -545,17 +598,17 @@ class MetaFedModule(pl.LightningModule):
                 self.log(f"{stage}/{metric}_step{k}", curves[metric][:, k].mean().float())
         trainer = self._trainer
         if trainer is not None and not trainer.sanity_checking:
-            self._write_evaluation_artifacts(stage, ids, n_support, n_query, curves)
+            log_dir = trainer.log_dir  # on every rank: it is a collective under DDP
+            self._write_evaluation_artifacts(stage, log_dir, ids, n_support, n_query, curves)
             if stage == "test":
                 _print(format_summary(stats, stage, len(ids)))
         return stats
 
     @rank_zero_only
-    def _write_evaluation_artifacts(self, stage, ids, n_support, n_query, curves) -> None:
-        trainer = self.trainer
-        if trainer.log_dir is not None:
-            write_client_csv(Path(trainer.log_dir) / f"{stage}_clients.csv", ids, n_support, n_query, curves)
-        for logger in trainer.loggers:
+    def _write_evaluation_artifacts(self, stage, log_dir, ids, n_support, n_query, curves) -> None:
+        if log_dir is not None:
+            write_client_csv(Path(log_dir) / f"{stage}_clients.csv", ids, n_support, n_query, curves)
+        for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 for metric, curve in curves.items():

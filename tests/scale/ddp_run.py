@@ -1,0 +1,44 @@
+"""A short fit + test with N CPU processes (gloo DDP); rank 0 saves its final state. Used by test_ddp.py.
+
+python tests/scale/ddp_run.py DEVICES OUT.pt {fast,explicit}
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+import lightning_metafed as lm
+from lightning_metafed.data import SyntheticClients
+from lightning_metafed.inner import SGD
+from lightning_metafed.nets import MLP
+
+
+def main(devices: int, out: Path, path: str) -> None:
+    pl.seed_everything(0)
+    data = SyntheticClients(
+        num_clients=50, max_samples=120, clients_per_round=5, support_size=5, query_size=5,
+        rounds_per_epoch=3, eval_clients_per_batch=2, seed=0,
+    )
+    model = lm.MAML(
+        MLP(60, [16], 10), task="classification", inner_optimizer=SGD(lr=0.1), inner_steps=2, eval_inner_steps=2,
+        server_optimizer=lambda p: torch.optim.Adam(p, lr=0.01), fast_path=path == "fast",
+    )
+    trainer = pl.Trainer(
+        strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=2,
+        logger=pl.loggers.CSVLogger(out.parent / f"logs_{devices}_{path}"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    log_dir = trainer.log_dir
+    if trainer.is_global_zero:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "test": results, "comm": model.communication, "log_dir": log_dir}, out)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

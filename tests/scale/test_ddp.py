@@ -1,0 +1,36 @@
+"""Two-process DDP on CPU gives the same meta-parameters and test metrics as one process."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+def run(devices: int, out: Path, path: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(devices), str(out), path], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("path", ["fast", "explicit"])
+def test_two_process_ddp_matches_one_process(path, tmp_path):
+    single = run(1, tmp_path / "one.pt", path)
+    double = run(2, tmp_path / "two.pt", path)
+    for name, value in single["state"].items():
+        torch.testing.assert_close(double["state"][name], value, atol=1e-5, rtol=1e-5, msg=name)
+    for key, value in single["test"].items():  # held-out metrics: every client counted exactly once
+        assert double["test"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert double["comm"] == single["comm"]
+    rows = list(csv.DictReader(open(Path(double["log_dir"]) / "test_clients.csv")))
+    assert len(rows) == 5 and len({r["client_id"] for r in rows}) == 5
