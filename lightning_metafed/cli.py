@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -50,8 +51,9 @@ class MetaFedCLI(LightningCLI):
         if config.get("test_after_fit", True) and not trainer.interrupted and trainer.datamodule is not None:
             has_best = bool(getattr(trainer.checkpoint_callback, "best_model_path", ""))
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
-        if trainer.log_dir is not None and trainer.is_global_zero:
-            print(f"Logs and checkpoints: {trainer.log_dir}  (view with: tensorboard --logdir {trainer.log_dir})")
+        log_dir = trainer.log_dir  # on every process: it is a collective under DDP
+        if log_dir is not None and trainer.is_global_zero:
+            print(f"Logs and checkpoints: {log_dir}  (view with: tensorboard --logdir {log_dir})")
 
 
 def build_cli(args: Any = None, run: bool = True) -> MetaFedCLI:
@@ -71,7 +73,13 @@ def build_cli(args: Any = None, run: bool = True) -> MetaFedCLI:
 
 def main(args: Any = None) -> None:
     """Entry point of the ``metafed`` console script."""
-    build_cli(args)
+    try:
+        build_cli(args)
+    finally:
+        # A DDP run leaves its process group open; tearing it down before exit keeps the gloo
+        # threads from aborting the interpreter at shutdown.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,3 +34,15 @@ def test_two_process_ddp_matches_one_process(path, tmp_path):
     assert double["comm"] == single["comm"]
     rows = list(csv.DictReader(open(Path(double["log_dir"]) / "test_clients.csv")))
     assert len(rows) == 5 and len({r["client_id"] for r in rows}) == 5
+
+
+def test_console_script_runs_two_process_ddp_and_exits_cleanly(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    exe = Path(sys.executable).parent / "metafed"
+    result = subprocess.run(
+        [str(exe), "fit", "--config", str(root / "configs/synthetic/maml.yaml"), "--config", str(root / "configs/smoke.yaml"),
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test: personalization on" in result.stdout and "Logs and checkpoints:" in result.stdout
