@@ -13,9 +13,9 @@ import argparse
 import time
 
 import torch
+from common import mlp, sinusoid_batch
 
 import lightning_metafed as lm
-from common import mlp, sinusoid_batch
 from lightning_metafed.inner import SGD
 
 

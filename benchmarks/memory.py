@@ -34,8 +34,9 @@ def _vm_hwm() -> int:
 
 
 def child(args) -> None:
-    import lightning_metafed as lm
     from common import mlp, sinusoid_batch
+
+    import lightning_metafed as lm
     from lightning_metafed.inner import SGD
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,8 +104,9 @@ def main() -> None:
 
 def graph_mb(steps: int, first_order: bool, chunk: int | None, clients: int, hidden: int, shots: int) -> float:
     """Graph bytes alive at once: the whole round, or one chunk when chunked."""
-    import lightning_metafed as lm
     from common import mlp, sinusoid_batch
+
+    import lightning_metafed as lm
     from lightning_metafed.diagnostics import graph_saved_bytes
     from lightning_metafed.inner import SGD
 

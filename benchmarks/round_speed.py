@@ -22,8 +22,6 @@ import platform
 import time
 
 import torch
-
-import lightning_metafed as lm
 from common import (
     higher_loop_grads,
     max_diff,
@@ -34,6 +32,8 @@ from common import (
     raw_vmap_per_client_grads,
     sinusoid_batch,
 )
+
+import lightning_metafed as lm
 from lightning_metafed.inner import SGD
 
 ALPHA, STEPS = 0.01, 5

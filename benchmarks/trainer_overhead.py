@@ -15,10 +15,10 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from common import mlp
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_metafed as lm
-from common import mlp
 from lightning_metafed.data import SinusoidClients
 from lightning_metafed.inner import SGD
 

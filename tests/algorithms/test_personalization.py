@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+
 import lightning.pytorch as pl
 import pytest
 import torch

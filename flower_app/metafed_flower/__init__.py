@@ -1,0 +1,1 @@
+"""lightning-metafed's Flower app (ServerApp and ClientApp)."""
