@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_metafed._validation import check_int
-from lightning_metafed.aggregators import Aggregator
 from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.functional.updates import ClientTask, fedavg_update
-from lightning_metafed.inner import InnerOptimizer
 
 __all__ = ["FedAvg"]
 
@@ -32,37 +28,21 @@ class FedAvg(MetaFedModule):
         local_epochs: passes over the local data per round.
         local_batch_size: mini-batch size of local training (``None``: full batch).
         use_query: local data is support and query (``True``) or the support set only.
+
+    Every other argument is :class:`~lightning_metafed.MetaFedModule`'s (``inner_steps`` is unused).
     """
 
     def __init__(
         self,
         net: nn.Module | None = None,
-        inner_optimizer: InnerOptimizer | None = None,
         local_epochs: int = 1,
         local_batch_size: int | None = None,
         eval_inner_steps: int = 1,
-        task: Literal["regression", "classification"] = "regression",
         use_query: bool = True,
-        server_optimizer: OptimizerCallable = torch.optim.Adam,
-        server_lr_scheduler: LRSchedulerCallable | None = None,
-        aggregator: Aggregator | None = None,
-        vectorize: bool = True,
-        client_chunk_size: int | None = None,
-        compile_clients: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__(
-            net=net,
-            inner_optimizer=inner_optimizer,
-            inner_steps=0,
-            eval_inner_steps=eval_inner_steps,
-            task=task,
-            server_optimizer=server_optimizer,
-            server_lr_scheduler=server_lr_scheduler,
-            aggregator=aggregator,
-            vectorize=vectorize,
-            client_chunk_size=client_chunk_size,
-            compile_clients=compile_clients,
-        )
+        kwargs.pop("inner_steps", None)  # FedAvg trains by local epochs; inner steps only fine-tune at evaluation
+        super().__init__(net=net, inner_steps=0, eval_inner_steps=eval_inner_steps, **kwargs)
         check_int("local_epochs", local_epochs, minimum=1)
         if local_batch_size is not None:
             check_int("local_batch_size", local_batch_size, minimum=1)

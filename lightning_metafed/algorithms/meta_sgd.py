@@ -6,13 +6,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_metafed.aggregators import Aggregator
 from lightning_metafed.algorithms.maml import MAML
 from lightning_metafed.functional.updates import ClientTask, meta_sgd_update
-from lightning_metafed.inner import InnerOptimizer
 
 __all__ = ["MetaSGD"]
 
@@ -34,6 +31,8 @@ class MetaSGD(MAML):
     Args:
         lr_granularity: ``"element"`` (the paper: one rate per coordinate, shaped like the
             parameter) or ``"tensor"`` (one scalar rate per parameter tensor).
+
+    Every other argument is :class:`~lightning_metafed.MAML`'s (``inner_backend`` must stay ``"func"``).
     """
 
     supports_higher = False
@@ -41,37 +40,10 @@ class MetaSGD(MAML):
     def __init__(
         self,
         net: nn.Module | None = None,
-        inner_optimizer: InnerOptimizer | None = None,
-        inner_steps: int = 1,
-        eval_inner_steps: int | None = None,
-        task: Literal["regression", "classification"] = "regression",
-        first_order: bool = False,
-        adapt_params: list[str] | None = None,
         lr_granularity: Literal["element", "tensor"] = "element",
-        server_optimizer: OptimizerCallable = torch.optim.Adam,
-        server_lr_scheduler: LRSchedulerCallable | None = None,
-        aggregator: Aggregator | None = None,
-        vectorize: bool = True,
-        client_chunk_size: int | None = None,
-        fast_path: bool = True,
-        compile_clients: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__(
-            net=net,
-            inner_optimizer=inner_optimizer,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            task=task,
-            first_order=first_order,
-            adapt_params=adapt_params,
-            server_optimizer=server_optimizer,
-            server_lr_scheduler=server_lr_scheduler,
-            aggregator=aggregator,
-            vectorize=vectorize,
-            client_chunk_size=client_chunk_size,
-            compile_clients=compile_clients,
-            fast_path=fast_path,
-        )
+        super().__init__(net=net, **kwargs)
         if lr_granularity not in ("element", "tensor"):
             raise ValueError(f"Expected `lr_granularity` to be 'element' or 'tensor', got {lr_granularity!r}")
         named = dict(self.net.named_parameters())

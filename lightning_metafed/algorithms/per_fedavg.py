@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_metafed._validation import check_int, check_positive
-from lightning_metafed.aggregators import Aggregator
 from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.functional.updates import ClientTask, per_fedavg_update
-from lightning_metafed.inner import SGD, InnerOptimizer
+from lightning_metafed.inner import SGD
 
 __all__ = ["PerFedAvg"]
 
@@ -34,39 +31,21 @@ class PerFedAvg(MetaFedModule):
         local_steps: ``τ``, local meta-steps per round.
         hessian_batch: HF's ``D''``: ``"query_split"`` (second half of the query; ``D'`` is the first
             half) or ``"support"``.
+
+    Every other argument is :class:`~lightning_metafed.MetaFedModule`'s.
     """
 
     def __init__(
         self,
         net: nn.Module | None = None,
-        inner_optimizer: InnerOptimizer | None = None,
         variant: Literal["fo", "hf"] = "fo",
         outer_lr: float = 0.01,
         local_steps: int = 1,
-        inner_steps: int = 1,
-        eval_inner_steps: int | None = None,
         hessian_batch: Literal["query_split", "support"] = "query_split",
-        task: Literal["regression", "classification"] = "regression",
-        server_optimizer: OptimizerCallable = torch.optim.Adam,
-        server_lr_scheduler: LRSchedulerCallable | None = None,
-        aggregator: Aggregator | None = None,
-        vectorize: bool = True,
-        client_chunk_size: int | None = None,
-        compile_clients: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__(
-            net=net,
-            inner_optimizer=inner_optimizer,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            task=task,
-            server_optimizer=server_optimizer,
-            server_lr_scheduler=server_lr_scheduler,
-            aggregator=aggregator,
-            vectorize=vectorize,
-            client_chunk_size=client_chunk_size,
-            compile_clients=compile_clients,
-        )
+        super().__init__(net=net, **kwargs)
+        inner_steps = self.inner_steps
         if variant not in ("fo", "hf"):
             raise ValueError(f"Expected `variant` to be 'fo' or 'hf', got {variant!r}")
         if hessian_batch not in ("query_split", "support"):

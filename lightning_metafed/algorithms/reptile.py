@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_metafed.aggregators import Aggregator
 from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.functional.updates import ClientTask, reptile_update
-from lightning_metafed.inner import InnerOptimizer
 
 __all__ = ["Reptile"]
 
@@ -26,36 +22,12 @@ class Reptile(MetaFedModule):
     Args:
         use_query: train the inner loop on support and query (all of the client's data in the
             round), else on the support set only.
+
+    Every other argument is :class:`~lightning_metafed.MetaFedModule`'s.
     """
 
-    def __init__(
-        self,
-        net: nn.Module | None = None,
-        inner_optimizer: InnerOptimizer | None = None,
-        inner_steps: int = 5,
-        eval_inner_steps: int | None = None,
-        task: Literal["regression", "classification"] = "regression",
-        use_query: bool = True,
-        server_optimizer: OptimizerCallable = torch.optim.Adam,
-        server_lr_scheduler: LRSchedulerCallable | None = None,
-        aggregator: Aggregator | None = None,
-        vectorize: bool = True,
-        client_chunk_size: int | None = None,
-        compile_clients: bool = False,
-    ):
-        super().__init__(
-            net=net,
-            inner_optimizer=inner_optimizer,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            task=task,
-            server_optimizer=server_optimizer,
-            server_lr_scheduler=server_lr_scheduler,
-            aggregator=aggregator,
-            vectorize=vectorize,
-            client_chunk_size=client_chunk_size,
-            compile_clients=compile_clients,
-        )
+    def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, use_query: bool = True, **kwargs: Any):
+        super().__init__(net=net, inner_steps=inner_steps, **kwargs)
         self.use_query = bool(use_query)
 
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
