@@ -184,6 +184,7 @@ class MetaFedModule(pl.LightningModule):
         self._eval_position = 0
         #: Cumulative communication (bytes), saved in checkpoints.
         self.communication = {"rounds": 0, "download_bytes": 0, "upload_bytes": 0}
+        self._round_communication: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------- extension points
 
@@ -464,11 +465,16 @@ class MetaFedModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         c = self.communication
         if c["rounds"]:
+            last = self._round_communication  # empty when a resumed fit had no rounds left to run
+            per_client = (
+                f" (per client per round: {last['download_bytes_per_client'] / 1e3:.2f} kB down, "
+                f"{last['upload_bytes_per_client'] / 1e3:.2f} kB up)"
+                if last
+                else ""
+            )
             _print(
                 f"Communication over {c['rounds']} rounds: {c['download_bytes'] / 1e6:.3f} MB downloaded, "
-                f"{c['upload_bytes'] / 1e6:.3f} MB uploaded (per client per round: "
-                f"{self._round_communication['download_bytes_per_client'] / 1e3:.2f} kB down, "
-                f"{self._round_communication['upload_bytes_per_client'] / 1e3:.2f} kB up)"
+                f"{c['upload_bytes'] / 1e6:.3f} MB uploaded{per_client}"
             )
 
     def _logging_step(self) -> bool:

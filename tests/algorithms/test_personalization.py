@@ -144,3 +144,15 @@ def test_communication_bytes_equal_numel_times_element_size(tmp_path):
     fast = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
     quiet_trainer(max_steps=1).fit(fast, DataLoader(batches[:1], batch_size=None))
     assert fast.communication["upload_bytes"] == 4 * sum(p.numel() * 8 for p in fast.parameters())
+
+
+def test_resumed_fit_with_no_rounds_left_reports_restored_communication(tmp_path, capsys):
+    batches = DataLoader([sinusoid_batch(3, seed=s) for s in range(2)], batch_size=None)
+    model = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
+    first = quiet_trainer(max_steps=2)
+    first.fit(model, batches)
+    first.save_checkpoint(tmp_path / "done.ckpt")
+    resumed = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
+    quiet_trainer(max_steps=2).fit(resumed, batches, ckpt_path=tmp_path / "done.ckpt")
+    assert resumed.communication == model.communication and resumed.communication["rounds"] == 2
+    assert capsys.readouterr().out.count("Communication over 2 rounds") == 2
