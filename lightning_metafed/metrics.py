@@ -74,8 +74,6 @@ class ClientRecords(nn.Module):
     def compute(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """``(client_id, n_support, n_query, {metric: [N, K+1]})``, one row per distinct client."""
         rows = self.rows.compute()
-        if rows.dim() == 1:
-            rows = rows.reshape(1, -1)
         ids = rows[:, 0]
         keep = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         seen: set[int] = set()

@@ -336,15 +336,29 @@ class FederatedDataModule(pl.LightningDataModule):
             ).tolist()
         return python_rng(self.seed, CLIENTS, round_idx).sample(range(len(train)), m)
 
-    def _draw(self, n: int, k: int, g: torch.Generator, name: str, what: str, available: str) -> Tensor:
-        if k <= n:
-            return torch.randperm(n, generator=g)[:k]
-        if not self.replacement:
+    def _train_sizes(self, n: int, end: int | None, name: str) -> tuple[int, int]:
+        """``(S, Q)`` of a train client with ``n`` examples (support part ``[:end]`` if fixed);
+        without ``replacement``, a ``ValueError`` naming the client when it is too small."""
+        if end is None:
+            S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
+            if S + Q > n and not self.replacement:
+                raise ValueError(
+                    f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
+                    f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
+                )
+            return S, Q
+        S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
+        if (S > end or Q > n - end) and not self.replacement:
             raise ValueError(
-                f"Expected {what} <= {n} for client {name!r} ({available}), got {k}; use fewer examples, "
-                "fractions, or replacement=True"
+                f"Expected `support_size` <= {end} and `query_size` <= {n - end} for client {name!r} "
+                f"(its support/query parts have {end}/{n - end} examples), got {S} and {Q}"
             )
-        return torch.randint(n, (k,), generator=g)
+        return S, Q
+
+    @staticmethod
+    def _draw(n: int, k: int, g: torch.Generator) -> Tensor:
+        """``k`` of ``n`` indices: without replacement when possible, else with replacement."""
+        return torch.randperm(n, generator=g)[:k] if k <= n else torch.randint(n, (k,), generator=g)
 
     def train_task(self, population: Population, i: int, round_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Disjoint support and query examples of train client ``i`` for round ``round_idx``."""
@@ -353,17 +367,12 @@ class FederatedDataModule(pl.LightningDataModule):
         n = data.x.shape[0]
         g = generator(self.seed, TRAIN, round_idx, population.global_id(i))
         end = data.support_end
+        S, Q = self._train_sizes(n, end, name)
         if end is None:
-            S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
             if S + Q <= n:
                 perm = torch.randperm(n, generator=g)
                 s_idx, q_idx = perm[:S], perm[S : S + Q]
-            elif not self.replacement:
-                raise ValueError(
-                    f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
-                    f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
-                )
-            else:  # disjoint pools, each sampled with replacement
+            else:  # replacement: disjoint pools, each sampled with replacement
                 if n < 2:
                     raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
                 perm = torch.randperm(n, generator=g)
@@ -371,9 +380,8 @@ class FederatedDataModule(pl.LightningDataModule):
                 s_idx = perm[:cut][torch.randint(cut, (S,), generator=g)]
                 q_idx = perm[cut:][torch.randint(n - cut, (Q,), generator=g)]
         else:
-            S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
-            s_idx = self._draw(end, S, g, name, "`support_size`", f"its support part has {end} examples")
-            q_idx = end + self._draw(n - end, Q, g, name, "`query_size`", f"its query part has {n - end} examples")
+            s_idx = self._draw(end, S, g)
+            q_idx = end + self._draw(n - end, Q, g)
         return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
 
     def round_batch(self, round_idx: int) -> TaskBatch:
@@ -417,22 +425,7 @@ class FederatedDataModule(pl.LightningDataModule):
             name = population.name(i)
             if n < 1:
                 raise ValueError(f"Client {name!r} has no examples")
-            if self.replacement:
-                continue
-            if end is None:
-                S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
-                if S + Q > n:
-                    raise ValueError(
-                        f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
-                        f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
-                    )
-            else:
-                S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
-                if S > end or Q > n - end:
-                    raise ValueError(
-                        f"Expected `support_size` <= {end} and `query_size` <= {n - end} for client {name!r} "
-                        f"(its support/query parts have {end}/{n - end} examples), got {S} and {Q}"
-                    )
+            self._train_sizes(n, end, name)
 
     def _check_eval_sizes(self, population: Population) -> None:
         for i, n, end in self._client_sizes(population):

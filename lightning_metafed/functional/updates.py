@@ -12,7 +12,7 @@ scalar diagnostics (losses). Functions are written for one client and vectorized
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -286,7 +286,7 @@ def fedavg_update(
     return _difference(theta, local), {"support_loss": first_loss.detach()}
 
 
-def hvp(loss: "callable", params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
+def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
     """Exact Hessian-vector product ``∇²loss(θ) · v`` (forward-over-reverse autodiff)."""
     return torch.func.jvp(torch.func.grad(loss), (dict(params),), (dict(vector),))[1]
 
