@@ -38,6 +38,8 @@ def main(devices: int, out: Path, path: str) -> None:
     if trainer.is_global_zero:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save({"state": state, "test": results, "comm": model.communication, "log_dir": log_dir}, out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a live gloo group at interpreter exit can abort the process
 
 
 if __name__ == "__main__":
