@@ -1,9 +1,22 @@
 """Pluggable server-side aggregators: ``aggregator(updates, weights) -> aggregated update``.
 
 ``updates`` maps a parameter name to the clients' stacked uploads ``[m, *shape]``; ``weights`` is
-``[m]`` (e.g. client sample counts) or ``None``. Subclass :class:`Aggregator` for robust or private
-aggregation; set ``is_mean = True`` only if the result is the (weighted) mean, which lets the module
-use its one-backward fast path.
+``[m]`` (e.g. client sample counts) or ``None``. Subclass :class:`Aggregator` for your own rule;
+set ``is_mean = True`` only if the result is the (weighted) mean, which lets the module use its
+one-backward fast path.
+
+Robust aggregators bound what a minority of bad clients can do to a round:
+
+- :class:`CoordinateMedian`: per coordinate, the median of the clients' values (Yin et al., 2018,
+  "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"); tolerates fewer than
+  half of the clients being arbitrary.
+- :class:`TrimmedMean`: per coordinate, drop the ``⌊trim·m⌋`` largest and smallest values and
+  average the rest (same paper); tolerates a ``trim`` fraction of arbitrary clients.
+- :class:`NormBoundedMean`: scale each client's whole update down to norm ``max_norm`` at most, then
+  average (Sun et al., 2019, "Can You Really Backdoor Federated Learning?"); bounds each client's
+  influence to ``max_norm / m`` but does not remove it.
+
+The module rejects non-finite uploads before any aggregator sees them.
 """
 
 from __future__ import annotations
@@ -13,9 +26,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lightning_metafed._validation import check_positive
 from lightning_metafed.functional.aggregate import weighted_mean
 
-__all__ = ["Aggregator", "Mean"]
+__all__ = ["Aggregator", "Mean", "CoordinateMedian", "TrimmedMean", "NormBoundedMean", "update_norms"]
 
 
 class Aggregator:
@@ -46,6 +60,70 @@ class Mean(Aggregator):
         return weighted_mean(updates, weights if self.weighted else None)
 
 
+def update_norms(updates: Mapping[str, Tensor]) -> Tensor:
+    """Each client's update norm over all parameters together: ``[m]``."""
+    return torch.sqrt(sum((u.flatten(1).double() ** 2).sum(1) for u in updates.values())).to(next(iter(updates.values())).dtype)
+
+
+class CoordinateMedian(Aggregator):
+    """Coordinate-wise median of the client updates (unweighted).
+
+    With an even number of clients it is the mean of the two middle values (so two clients give
+    their mean, not the lower one as ``torch.median`` would).
+    """
+
+    def __call__(self, updates, weights=None):
+        out = {}
+        for name, u in updates.items():
+            s = torch.sort(u, dim=0).values
+            m = s.shape[0]
+            out[name] = (s[(m - 1) // 2] + s[m // 2]) / 2
+        return out
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise ``trim``-trimmed mean (unweighted): per coordinate, the ``⌊trim·m⌋``
+    largest and ``⌊trim·m⌋`` smallest client values are dropped and the rest averaged.
+
+    Args:
+        trim: fraction trimmed from *each* end, in ``[0, 0.5)``; ``0`` is the plain mean. When
+            ``⌊trim·m⌋`` would leave no value (tiny rounds) the median is used instead.
+    """
+
+    def __init__(self, trim: float = 0.1):
+        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
+            raise ValueError(f"Expected `trim` in [0, 0.5), got {trim!r}")
+        self.trim = float(trim)
+
+    def __call__(self, updates, weights=None):
+        out = {}
+        for name, u in updates.items():
+            m = u.shape[0]
+            k = int(self.trim * m)
+            if m - 2 * k < 1:
+                return CoordinateMedian()(updates)
+            out[name] = torch.sort(u, dim=0).values[k : m - k].mean(0)
+        return out
+
+
+class NormBoundedMean(Aggregator):
+    """Mean of the client updates after scaling each down to norm ``max_norm`` at most.
+
+    The norm is taken over all parameters of a client's update together. ``weighted=True`` weights
+    the mean by the TaskBatch's ``weight``.
+    """
+
+    def __init__(self, max_norm: float = 1.0, weighted: bool = True):
+        self.max_norm = check_positive("max_norm", max_norm)
+        self.weighted = bool(weighted)
+        self.uses_weights = self.weighted
+
+    def __call__(self, updates, weights=None):
+        factor = (self.max_norm / update_norms(updates).clamp_min(1e-12)).clamp(max=1.0)
+        clipped = {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}
+        return weighted_mean(clipped, weights if self.weighted else None)
+
+
 # Checkpoints store the aggregator in their hyperparameters; allow torch.load(weights_only=True) to read it.
 # A custom Aggregator subclass should be registered the same way.
-torch.serialization.add_safe_globals([Mean])
+torch.serialization.add_safe_globals([Mean, CoordinateMedian, TrimmedMean, NormBoundedMean])

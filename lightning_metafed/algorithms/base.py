@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -31,6 +32,7 @@ from lightning_metafed._validation import check_int
 from lightning_metafed.aggregators import Aggregator, Mean
 from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.adapt import iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import normalize_weights
 from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, mse_loss
@@ -43,6 +45,7 @@ from lightning_metafed.metrics import (
     format_summary,
     write_client_csv,
 )
+from lightning_metafed.privacy import ClientDP
 
 __all__ = ["MetaFedModule", "check_norm_layers"]
 
@@ -74,7 +77,9 @@ def _stack_outputs(outputs: Sequence[Any]) -> Any:
 
 
 def _client(task: ClientTask, i: int) -> ClientTask:
-    return ClientTask(*(None if t is None else t[i] for t in task))
+    """Client ``i``'s task; its step budget as a Python int, so a loop runs exactly that many steps."""
+    one = ClientTask(*(None if t is None else t[i] for t in task))
+    return one if one.num_steps is None else one._replace(num_steps=int(one.num_steps))
 
 
 class MetaFedModule(pl.LightningModule):
@@ -99,6 +104,13 @@ class MetaFedModule(pl.LightningModule):
         compile_clients: ``torch.compile`` the vectorized per-client training computation (2-3x
             faster per round on the sinusoid benchmark after a one-off compilation of about half a
             minute; recompiles when batch shapes change). Off by default.
+        faults: simulated dropout, heterogeneous compute and Byzantine clients
+            (:class:`~lightning_metafed.faults.ClientFaults`).
+        privacy: client-level differential privacy of the aggregate
+            (:class:`~lightning_metafed.privacy.ClientDP`); it replaces the aggregator, which must be
+            the default ``Mean``, and every client counts equally.
+        reject_nonfinite: drop a client's upload that holds NaN/inf before aggregation (counted,
+            logged as ``robust/rejected``); a round where every upload is non-finite still raises.
     """
 
     #: Whether this algorithm can run its inner loop through ``higher``.
@@ -119,6 +131,9 @@ class MetaFedModule(pl.LightningModule):
         fast_path: bool = True,
         inner_backend: Literal["func", "higher"] = "func",
         compile_clients: bool = False,
+        faults: ClientFaults | None = None,
+        privacy: ClientDP | None = None,
+        reject_nonfinite: bool = True,
     ):
         super().__init__()
         # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
@@ -162,6 +177,18 @@ class MetaFedModule(pl.LightningModule):
             raise ValueError(
                 f"Expected `aggregator` to be a lightning_metafed.aggregators.Aggregator, got {type(aggregator).__name__}"
             )
+        if faults is not None and not isinstance(faults, ClientFaults):
+            raise ValueError(f"Expected `faults` to be a lightning_metafed.faults.ClientFaults, got {type(faults).__name__}")
+        if privacy is not None:
+            if not isinstance(privacy, ClientDP):
+                raise ValueError(f"Expected `privacy` to be a lightning_metafed.privacy.ClientDP, got {type(privacy).__name__}")
+            if not isinstance(aggregator, Mean):
+                raise ValueError(
+                    f"`privacy` ({privacy!r}) aggregates by clipping, summing and adding noise, so `aggregator` must be "
+                    f"the default Mean, got {aggregator!r}"
+                )
+        if faults is not None and faults.step_choices is not None and inner_backend == "higher":
+            raise ValueError("`faults.step_choices` (per-client step budgets) needs inner_backend='func'")
         self.net = self.build_net() if net is None else net
         if not isinstance(self.net, nn.Module):
             raise ValueError(f"Expected `net` to be a torch.nn.Module, got {type(self.net).__name__}")
@@ -178,6 +205,15 @@ class MetaFedModule(pl.LightningModule):
         self.fast_path = fast_path
         self.inner_backend = inner_backend
         self.compile_clients = bool(compile_clients)
+        self.faults = faults
+        self.privacy = privacy
+        self.reject_nonfinite = bool(reject_nonfinite)
+        #: Cumulative fault and robustness counts, saved in checkpoints.
+        self.fault_counts = {"dropped_clients": 0, "byzantine_uploads": 0, "rejected_uploads": 0, "skipped_rounds": 0}
+        self._round_faults: dict[str, int] = {}
+        self._accountant = privacy.make_accountant() if privacy is not None else None
+        self._dp_sample_rate: float | None = None if privacy is None else privacy.sample_rate
+        self._dp_seed: int | None = None
         self._compiled: dict[Any, Callable[..., Any]] = {}
         self._vmap_error: str | None = None
         self.eval_records = nn.ModuleDict({"val": ClientRecords(), "test": ClientRecords()})
@@ -299,7 +335,13 @@ class MetaFedModule(pl.LightningModule):
         return self.client_updates_with_aux(batch)[0]
 
     def _use_fast_path(self) -> bool:
-        return self.fast_path and self.aggregator.is_mean and self.client_objective is not None
+        explicit = self.privacy is not None or (self.faults is not None and self.faults.byzantine_fraction > 0)
+        return self.fast_path and self.aggregator.is_mean and self.client_objective is not None and not explicit
+
+    def local_step_bound(self) -> tuple[str, int] | None:
+        """The argument and value that bound a client's local steps (``faults.step_choices`` may not
+        exceed it); ``None`` when any budget is allowed."""
+        return "inner_steps", self.inner_steps
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -310,37 +352,62 @@ class MetaFedModule(pl.LightningModule):
         scheduler = self.server_lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def round_gradients(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+    def round_gradients(self, batch: TaskBatch) -> tuple[Params | None, dict[str, Tensor]]:
         """The aggregated pseudo-gradient of one round (written to ``.grad``) and mean diagnostics.
+
+        The round's sampled clients first go through ``faults`` (dropouts removed, step budgets
+        attached); the survivors' uploads are attacked if Byzantine, screened for NaN/inf, then
+        aggregated (or privatized). Returns ``(None, {})`` when no client survived: the caller skips
+        the server step.
 
         Under DDP each process computes a disjoint, contiguous share of the round's clients; the
         result equals one process computing all of them (weights are normalized over the whole
-        round, so unequal shares stay exact).
+        round, so unequal shares stay exact). When fewer clients survive than there are processes,
+        every process computes all of them.
         """
-        weights = batch.weight if self.aggregator.uses_weights else None
         params = dict(self.named_parameters())
-        m = batch.num_clients
+        sampled = batch.num_clients
         world, _ = self._world()
-        if m < world:
+        if sampled < world:
             raise ValueError(
                 f"Expected `clients_per_round` >= the {world} DDP processes (each takes a share of the round's "
-                f"clients), got a round of {m} clients"
+                f"clients), got a round of {sampled} clients"
             )
-        lo, hi = self._share(m)
+        batch = self._apply_faults(batch)
+        m = batch.num_clients
+        self._round_faults = {"dropped": sampled - m, "byzantine": 0, "rejected": 0}
+        if m == 0:
+            self._count_communication(sampled, 0, download=payload_bytes(params), upload=0)
+            return None, {}
+        weights = batch.weight if self.aggregator.uses_weights else None
+        split = m >= world  # else every process computes every survivor
+        lo, hi = self._share(m) if split else (0, m)
+        gather = world > 1 and split
+        aggregate = None
         if self._use_fast_path():
-            aux = self._fast_path_backward(batch, weights, lo, hi)
+            aux = self._fast_path_backward(batch, weights, lo, hi, scale=world if split else 1)
             aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
             upload = payload_bytes(params)  # each client's upload is its gradient w.r.t. every parameter
-        else:
+            if self.reject_nonfinite and not self._all_finite(aggregate):
+                # A client diverged: redo the round client by client to find and drop it.
+                for p in params.values():
+                    p.grad = None
+                aggregate = None
+            elif gather:
+                aux = self._gather_clients(aux, m)
+        if aggregate is None:
             updates, aux = self.client_updates_with_aux(batch[lo:hi])
             upload = payload_bytes({k: u[0] for k, u in updates.items()})
-            if world > 1:
-                updates = self._gather_clients(updates, m)
-            aggregate = self.aggregator(updates, weights)
-        if world > 1:
-            aux = self._gather_clients(aux, m)
-        self._count_communication(m, download=payload_bytes(params), upload=upload)
-        if not bool(torch.stack([torch.isfinite(v).all() for v in aggregate.values()]).all()):  # one sync per round
+            if gather:
+                updates, aux = self._gather_clients(updates, m), self._gather_clients(aux, m)
+            updates, aux, weights = self._screen_uploads(updates, aux, weights, batch)
+            if self.privacy is not None:
+                aggregate, norms = self.privacy.aggregate(updates, sampled, self._noise_seed(), self.global_step)
+                self._round_faults["clipped"] = int((norms > self.privacy.clip_norm).sum())
+            else:
+                aggregate = self.aggregator(updates, weights)
+        self._count_communication(sampled, m, download=payload_bytes(params), upload=upload)
+        if not self._all_finite(aggregate):
             name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
             raise FloatingPointError(
                 f"Round {self.global_step}: the aggregated update of parameter {name!r} is not finite "
@@ -349,6 +416,64 @@ class MetaFedModule(pl.LightningModule):
         for name, p in params.items():
             p.grad = aggregate[name].to(p.dtype)
         return aggregate, {k: v.mean() for k, v in aux.items()}
+
+    @staticmethod
+    def _all_finite(values: Mapping[str, Tensor]) -> bool:
+        return bool(torch.stack([torch.isfinite(v).all() for v in values.values()]).all())  # one sync
+
+    def _apply_faults(self, batch: TaskBatch) -> TaskBatch:
+        """The round's surviving clients, with their step budgets (``faults``; else ``batch``)."""
+        faults = self.faults
+        if faults is None:
+            return batch
+        round_idx, m = self.global_step, batch.num_clients
+        if faults.step_choices is not None:
+            bound = self.local_step_bound()
+            if bound is not None and faults.max_steps > bound[1]:
+                raise ValueError(
+                    f"Expected every `faults.step_choices` value <= `{bound[0]}` = {bound[1]} (the full local work), "
+                    f"got {faults.step_choices}"
+                )
+            batch = replace(batch, num_steps=faults.num_steps(round_idx, m).to(batch.support_x.device))
+        dropped = faults.dropped(round_idx, m)
+        if dropped.any():
+            batch = batch[~dropped]
+        return batch
+
+    def _screen_uploads(
+        self, updates: Params, aux: dict[str, Tensor], weights: Tensor | None, batch: TaskBatch
+    ) -> tuple[Params, dict[str, Tensor], Tensor | None]:
+        """Byzantine clients' uploads replaced by their attack; non-finite uploads dropped."""
+        m = batch.num_clients
+        if self.faults is not None and self.faults.byzantine_fraction > 0:
+            bad = self.faults.byzantine(self.global_step, batch.client_id, m)
+            self._round_faults["byzantine"] = int(bad.sum())
+            updates = self.faults.attack(updates, bad, self.global_step)
+        if not self.reject_nonfinite:
+            return updates, aux, weights
+        finite = torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
+        rejected = m - int(finite.sum())
+        if rejected == 0:
+            return updates, aux, weights
+        if rejected == m:
+            raise FloatingPointError(
+                f"Round {self.global_step}: every one of the {m} client uploads holds NaN/inf (the clients' inner "
+                "loops diverged or their data holds NaN/inf); lower the inner or server learning rate"
+            )
+        if self.fault_counts["rejected_uploads"] == 0:
+            rank_zero_warn(
+                f"Round {self.global_step}: rejected {rejected} of {m} client uploads holding NaN/inf; rejections "
+                "are counted in `robust/rejected` and `robust/rejected_total`."
+            )
+        self._round_faults["rejected"] = rejected
+        updates = {k: u[finite] for k, u in updates.items()}
+        aux = {k: v[finite] for k, v in aux.items()}
+        return updates, aux, None if weights is None else weights[finite.to(weights.device)]
+
+    def _noise_seed(self) -> int:
+        if self._dp_seed is None:
+            self._dp_seed = self.privacy.resolve_seed()
+        return self._dp_seed
 
     def _world(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the running Trainer (``(1, 0)`` outside one)."""
@@ -373,9 +498,12 @@ class MetaFedModule(pl.LightningModule):
             k: torch.cat([g[r, : bounds[r + 1] - bounds[r]] for r in range(world)]) for k, g in gathered.items()
         }
 
-    def _fast_path_backward(self, batch: TaskBatch, weights: Tensor | None, lo: int, hi: int) -> dict[str, Tensor]:
+    def _fast_path_backward(
+        self, batch: TaskBatch, weights: Tensor | None, lo: int, hi: int, scale: int = 1
+    ) -> dict[str, Tensor]:
         """``backward(Σ_i w_i L_i)`` over this process's clients ``[lo, hi)``: the weighted-mean
-        meta-gradient into ``.grad`` (under DDP the processes' shares add up to it).
+        meta-gradient into ``.grad`` (under DDP the processes' shares add up to it: ``scale`` is the
+        number of processes sharing the round, undoing DDP's gradient averaging).
 
         With ``client_chunk_size`` the clients are processed (and back-propagated) a chunk at a
         time, so only one chunk's graph is alive at once; gradients accumulate to the same sum.
@@ -399,7 +527,7 @@ class MetaFedModule(pl.LightningModule):
                 if world > 1:
                     # DDP averages gradients over processes; the shares must add up instead. The zero
                     # term makes every parameter take part in every process's backward.
-                    loss = world * loss + 0.0 * sum(p.sum() for p in self.parameters())
+                    loss = scale * loss + 0.0 * sum(p.sum() for p in self.parameters())
                 model = self.trainer.model
                 last = j == len(starts) - 1
                 sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -424,32 +552,106 @@ class MetaFedModule(pl.LightningModule):
                 self.log(f"train/{key}", value, on_step=True, batch_size=batch.num_clients)
         optimizer = self.optimizers()
         optimizer.zero_grad()
+        round_idx = self.global_step
         aggregate, aux = self.round_gradients(batch)
+        if aggregate is None:
+            # No survivors: no parameter has a gradient, so the optimizer leaves every parameter and
+            # its state alone; the step still counts, keeping rounds and data sampling aligned.
+            optimizer.zero_grad(set_to_none=True)
+            rank_zero_info(f"Round {round_idx}: all {batch.num_clients} sampled clients dropped out; server step skipped")
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        self._record_round(aggregate is None)
         m = batch.num_clients
         meta_loss = aux.get("query_loss", aux.get("support_loss"))
         if meta_loss is not None:
             self.log("train/meta_loss", meta_loss, on_step=True, prog_bar=True, batch_size=m)
         self.log("round", float(self.global_step), on_step=True, prog_bar=True, logger=False, batch_size=m)
         if logging_step:  # values the logger would not write on other steps: skip their cost there
-            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values())).float()
-            self.log("train/update_norm", norm, on_step=True, batch_size=m)
+            if aggregate is not None:
+                norm = torch.sqrt(sum((g.double() ** 2).sum() for g in aggregate.values())).float()
+                self.log("train/update_norm", norm, on_step=True, batch_size=m)
             self.log("train/server_lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=m)
-            for key, value in self._round_communication.items():
-                self.log(f"comm/{key}", float(value), on_step=True, batch_size=m)
+            for key, value in {**self._round_communication, **self._fault_metrics()}.items():
+                self.log(key if "/" in key else f"comm/{key}", float(value), on_step=True, batch_size=m)
         return meta_loss.detach() if meta_loss is not None else None
 
-    def _count_communication(self, clients: int, download: int, upload: int) -> None:
-        """Bytes of this round: ``download`` (parameters) and ``upload`` (update) per client."""
+    def _record_round(self, skipped: bool) -> None:
+        """Add the round's fault counts to the totals; one accountant step under ``privacy``."""
+        counts, last = self.fault_counts, self._round_faults
+        counts["dropped_clients"] += last.get("dropped", 0)
+        counts["byzantine_uploads"] += last.get("byzantine", 0)
+        counts["rejected_uploads"] += last.get("rejected", 0)
+        counts["skipped_rounds"] += int(skipped)
+        if self._accountant is not None:
+            # Every round counts, skipped ones included (conservative: skipping depends on no data).
+            self._accountant.step(noise_multiplier=self.privacy.noise_multiplier, sample_rate=self._sample_rate())
+
+    def _fault_metrics(self) -> dict[str, float]:
+        """What ``faults``, rejection and ``privacy`` did: this round's counts and the totals."""
+        out: dict[str, float] = {}
+        last, counts = self._round_faults, self.fault_counts
+        if self.faults is not None:
+            out.update({
+                "faults/dropped": last.get("dropped", 0),
+                "faults/dropped_total": counts["dropped_clients"],
+                "faults/skipped_rounds": counts["skipped_rounds"],
+            })
+            if self.faults.byzantine_fraction > 0:
+                out.update({"faults/byzantine": last.get("byzantine", 0), "faults/byzantine_total": counts["byzantine_uploads"]})
+        if self.reject_nonfinite:
+            out.update({"robust/rejected": last.get("rejected", 0), "robust/rejected_total": counts["rejected_uploads"]})
+        if self._accountant is not None:
+            out.update({"privacy/epsilon": self.privacy_spent(), "privacy/clipped": last.get("clipped", 0)})
+        return out
+
+    def privacy_spent(self) -> float:
+        """``ε`` at ``privacy.delta`` after the rounds so far (Opacus accountant); ``0`` before any."""
+        if self._accountant is None:
+            raise ValueError("`privacy_spent()` needs the module's `privacy` (a ClientDP)")
+        if not self._accountant.history:
+            return 0.0
+        return float(self._accountant.get_epsilon(delta=self.privacy.delta))
+
+    def _sample_rate(self) -> float:
+        """``q``: ``privacy.sample_rate``, else clients per round / train clients of the datamodule."""
+        if self._dp_sample_rate is not None:
+            return self._dp_sample_rate
+        from lightning_metafed.data.datamodule import FederatedDataModule
+
+        trainer = self._trainer
+        data = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if not isinstance(data, FederatedDataModule):
+            raise ValueError(
+                "`privacy` needs the client sampling rate: pass ClientDP(sample_rate=...) or fit with a "
+                f"lightning_metafed FederatedDataModule, got {type(data).__name__}"
+            )
+        if data.client_sampling != "uniform":
+            raise ValueError(
+                f"`privacy` assumes uniform client sampling; the datamodule has client_sampling={data.client_sampling!r}"
+            )
+        self._dp_sample_rate = data.clients_per_round / len(data.population("train"))
+        return self._dp_sample_rate
+
+    def on_fit_start(self) -> None:
+        if self.privacy is not None:
+            self._sample_rate()  # fail before the first round when q is unknown
+            seed = self.privacy.resolve_seed()
+            trainer = self._trainer
+            # Every DDP process must add the same noise.
+            self._dp_seed = int(trainer.strategy.broadcast(seed)) if trainer is not None else seed
+
+    def _count_communication(self, downloads: int, uploads: int, download: int, upload: int) -> None:
+        """Bytes of this round: ``downloads`` clients receive ``download`` bytes (the parameters),
+        ``uploads`` clients send ``upload`` bytes (their update; dropped clients send nothing)."""
         self.communication["rounds"] += 1
-        self.communication["download_bytes"] += clients * download
-        self.communication["upload_bytes"] += clients * upload
+        self.communication["download_bytes"] += downloads * download
+        self.communication["upload_bytes"] += uploads * upload
         self._round_communication = {
-            "download_bytes": clients * download,
-            "upload_bytes": clients * upload,
+            "download_bytes": downloads * download,
+            "upload_bytes": uploads * upload,
             "download_bytes_per_client": download,
             "upload_bytes_per_client": upload,
             "total_download_bytes": self.communication["download_bytes"],
@@ -458,9 +660,18 @@ class MetaFedModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["metafed_communication"] = dict(self.communication)
+        checkpoint["metafed_faults"] = dict(self.fault_counts)
+        if self._accountant is not None:
+            checkpoint["metafed_privacy"] = {"accountant": self._accountant.state_dict(), "seed": self._dp_seed}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.communication = dict(checkpoint.get("metafed_communication", self.communication))
+        self.fault_counts = {**self.fault_counts, **checkpoint.get("metafed_faults", {})}
+        privacy = checkpoint.get("metafed_privacy")
+        if privacy is not None and self._accountant is not None:
+            self._accountant.load_state_dict(privacy["accountant"])
+            if self.privacy.seed is not None:  # a fixed seed resumes the same noise; a fresh one is drawn otherwise
+                self._dp_seed = privacy["seed"]
 
     def on_fit_end(self) -> None:
         c = self.communication
@@ -475,6 +686,19 @@ class MetaFedModule(pl.LightningModule):
             _print(
                 f"Communication over {c['rounds']} rounds: {c['download_bytes'] / 1e6:.3f} MB downloaded, "
                 f"{c['upload_bytes'] / 1e6:.3f} MB uploaded{per_client}"
+            )
+        f = self.fault_counts
+        if self.faults is not None or any(f.values()):
+            _print(
+                f"Faults: {f['dropped_clients']} client dropouts, {f['skipped_rounds']} rounds skipped, "
+                f"{f['byzantine_uploads']} Byzantine uploads, {f['rejected_uploads']} non-finite uploads rejected"
+            )
+        if self._accountant is not None and self._accountant.history:
+            p = self.privacy
+            _print(
+                f"Privacy: client-level ({self.privacy_spent():.3g}, {p.delta:g})-DP after {sum(h[-1] for h in self._accountant.history)} rounds "
+                f"({p.accountant.upper()} accountant, sampling rate q={self._sample_rate():.4g}, noise multiplier "
+                f"{p.noise_multiplier:g}, clip norm {p.clip_norm:g})"
             )
 
     def _logging_step(self) -> bool:
@@ -604,7 +828,8 @@ class MetaFedModule(pl.LightningModule):
                 self.log(f"{stage}/{metric}_step{k}", curves[metric][:, k].mean().float())
         trainer = self._trainer
         if trainer is not None and not trainer.sanity_checking:
-            log_dir = trainer.log_dir  # on every rank: it is a collective under DDP
+            # On every rank: it is a collective under DDP. Without a logger nothing is written (not even to the cwd).
+            log_dir = trainer.log_dir if trainer.loggers else None
             self._write_evaluation_artifacts(stage, log_dir, ids, n_support, n_query, curves)
             if stage == "test":
                 _print(format_summary(stats, stage, len(ids)))

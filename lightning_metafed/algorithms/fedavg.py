@@ -50,6 +50,9 @@ class FedAvg(MetaFedModule):
         self.local_batch_size = local_batch_size
         self.use_query = bool(use_query)
 
+    def local_step_bound(self) -> tuple[str, int] | None:
+        return None  # a step budget caps the local mini-batch steps
+
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         update, aux = fedavg_update(
             self.functional_loss,

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from lightning_metafed.aggregators import Aggregator
 from lightning_metafed.algorithms.base import MetaFedModule, resolve_adapt_names
+from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.updates import ClientTask, maml_objective, maml_update
 from lightning_metafed.inner import InnerOptimizer
+from lightning_metafed.privacy import ClientDP
 
 __all__ = ["MAML"]
 
@@ -54,6 +56,9 @@ class MAML(MetaFedModule):
         fast_path: bool = True,
         inner_backend: Literal["func", "higher"] = "func",
         compile_clients: bool = False,
+        faults: ClientFaults | None = None,
+        privacy: ClientDP | None = None,
+        reject_nonfinite: bool = True,
     ):
         super().__init__(
             net=net,
@@ -69,6 +74,9 @@ class MAML(MetaFedModule):
             compile_clients=compile_clients,
             fast_path=fast_path,
             inner_backend=inner_backend,
+            faults=faults,
+            privacy=privacy,
+            reject_nonfinite=reject_nonfinite,
         )
         self.first_order = bool(first_order)
         self.adapt_names = resolve_adapt_names(self.net, adapt_params)

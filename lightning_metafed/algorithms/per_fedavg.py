@@ -66,6 +66,9 @@ class PerFedAvg(MetaFedModule):
         self.local_steps = local_steps
         self.hessian_batch = hessian_batch
 
+    def local_step_bound(self) -> tuple[str, int] | None:
+        return "local_steps", self.local_steps
+
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if self.variant == "hf" and self.hessian_batch == "query_split" and task.query_x.shape[0] < 2:
             raise ValueError(

@@ -11,12 +11,16 @@ import random
 
 import torch
 
-__all__ = ["mix", "generator", "python_rng", "TRAIN", "EVAL", "LOCAL", "POPULATION", "CLIENTS"]
+__all__ = [
+    "mix", "generator", "python_rng", "uniform", "TRAIN", "EVAL", "LOCAL", "POPULATION", "CLIENTS",
+    "DROPOUT", "STEPS", "BYZANTINE", "ATTACK", "PRIVACY",
+]
 
 _MASK = (1 << 64) - 1
 
 # Stream tags keep unrelated draws independent even when their other integers coincide.
 TRAIN, EVAL, LOCAL, POPULATION, CLIENTS = 1, 2, 3, 4, 5
+DROPOUT, STEPS, BYZANTINE, ATTACK, PRIVACY = 6, 7, 8, 9, 10
 
 
 def _splitmix64(x: int) -> int:
@@ -42,3 +46,8 @@ def generator(*values: int) -> torch.Generator:
 def python_rng(*values: int) -> random.Random:
     """A ``random.Random`` seeded with ``mix(*values)`` (O(m) sampling from huge ranges)."""
     return random.Random(mix(*values))
+
+
+def uniform(*values: int) -> float:
+    """A number in ``[0, 1)`` that is a pure function of ``values``."""
+    return mix(*values) / float(1 << 63)

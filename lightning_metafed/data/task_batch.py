@@ -27,6 +27,8 @@ class TaskBatch:
         client_id: optional ids, a ``[m]`` tensor or a sequence of ``m`` ids.
         support_mask: optional ``[m, S]``: 1 for real examples, 0 for padding.
         query_mask: optional ``[m, Q]``, likewise.
+        num_steps: optional ``[m]`` integer local-step budget per client (heterogeneous compute;
+            set by :class:`~lightning_metafed.faults.ClientFaults` during training).
 
     Shapes are checked on construction; a mismatch raises ``ValueError`` naming the field.
     Lightning moves the batch between devices like any dataclass.
@@ -40,6 +42,7 @@ class TaskBatch:
     client_id: Tensor | Sequence[Any] | None = None
     support_mask: Tensor | None = None
     query_mask: Tensor | None = None
+    num_steps: Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("support_x", "support_y", "query_x", "query_y"):
@@ -81,6 +84,11 @@ class TaskBatch:
             if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"Expected `{name}` to have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
 
+        if self.num_steps is not None and (
+            not isinstance(self.num_steps, Tensor) or self.num_steps.shape != (m,) or self.num_steps.is_floating_point()
+        ):
+            raise ValueError(f"Expected `num_steps` to be an integer tensor of shape ({m},), got {self.num_steps!r}")
+
     @property
     def num_clients(self) -> int:
         """``m``, the number of clients in the batch."""
@@ -89,7 +97,7 @@ class TaskBatch:
     def tasks(self) -> ClientTask:
         """The stacked tensors as a :class:`~lightning_metafed.functional.updates.ClientTask`."""
         return ClientTask(
-            self.support_x, self.support_y, self.query_x, self.query_y, self.support_mask, self.query_mask
+            self.support_x, self.support_y, self.query_x, self.query_y, self.support_mask, self.query_mask, self.num_steps
         )
 
     def map_tensors(self, fn) -> TaskBatch:
@@ -101,21 +109,28 @@ class TaskBatch:
         """Move every tensor to ``device``; cast floating-point tensors (not integer labels) to ``dtype``."""
         return self.map_tensors(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
-    def __getitem__(self, index: int | slice) -> TaskBatch:
-        """The sub-batch of clients ``index`` (an int keeps a client dim of 1)."""
+    def __getitem__(self, index: int | slice | Tensor) -> TaskBatch:
+        """The sub-batch of clients ``index``: an int (keeps a client dim of 1), a slice, or a
+        tensor of client positions or a boolean ``[m]`` mask."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        client_id = None if self.client_id is None else self.client_id[index]
-        return TaskBatch(
-            self.support_x[index],
-            self.support_y[index],
-            self.query_x[index],
-            self.query_y[index],
-            None if self.weight is None else self.weight[index],
-            client_id,
-            None if self.support_mask is None else self.support_mask[index],
-            None if self.query_mask is None else self.query_mask[index],
-        )
+        if isinstance(index, Tensor) and index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        client_id = self.client_id
+        if client_id is not None:
+            if isinstance(client_id, Tensor):
+                client_id = client_id[index.to(client_id.device) if isinstance(index, Tensor) else index]
+            elif isinstance(index, Tensor):
+                client_id = [client_id[i] for i in index.tolist()]
+            else:
+                client_id = client_id[index]
+
+        def take(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t[index.to(t.device)] if isinstance(index, Tensor) else t[index]
+
+        return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self) if f.name != "client_id"}, client_id=client_id)
 
     @staticmethod
     def collate(tasks: Sequence[TaskBatch]) -> TaskBatch:
@@ -144,4 +159,5 @@ class TaskBatch:
             client_id,
             cat("support_mask"),
             cat("query_mask"),
+            cat("num_steps"),
         )

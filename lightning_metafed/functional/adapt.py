@@ -21,7 +21,7 @@ from lightning_metafed.functional.inner import LearningRate
 Params = dict[str, Tensor]
 LossFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, "Tensor | None"], Tensor]
 
-__all__ = ["InnerStep", "adapt", "iterate_adaptation", "select_params"]
+__all__ = ["InnerStep", "adapt", "iterate_adaptation", "keep_after_budget", "select_params"]
 
 
 class InnerStep(Protocol):
@@ -54,6 +54,21 @@ def select_params(names: Iterable[str], patterns: Sequence[str] | str | None, ar
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
+def keep_after_budget(num_steps: Tensor | int | None, k: int, stepped: Params, current: Params) -> Params:
+    """Parameters after local step ``k`` (0-based) of a client allowed ``num_steps`` steps.
+
+    ``stepped`` while ``k < num_steps`` (or with no budget), else ``current``. A tensor budget (one
+    client under ``vmap``) selects with ``torch.where``, so every client runs the same number of
+    steps and a stopped client's parameters, and their gradients, stay those of its last step.
+    """
+    if num_steps is None:
+        return stepped
+    if isinstance(num_steps, int):
+        return stepped if k < num_steps else current
+    active = num_steps > k
+    return {n: torch.where(active, stepped[n], current[n]) for n in stepped}
+
+
 def iterate_adaptation(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -66,6 +81,7 @@ def iterate_adaptation(
     lr: LearningRate | None = None,
     first_order: bool = False,
     adapt_names: Sequence[str] | None = None,
+    num_steps: Tensor | int | None = None,
 ) -> Iterator[tuple[Params, Tensor | None]]:
     """Yield ``(params_k, support_loss_k)`` for ``k = 0..steps``.
 
@@ -75,9 +91,16 @@ def iterate_adaptation(
     Each step: ``g = ∇_φ L_support(φ)`` over the adapted subset ``φ`` (``adapt_names``; all by
     default); with ``first_order`` the gradient is detached (``stop_gradient``), which makes
     ``dφ_K/dθ = I`` for SGD (FOMAML); then ``φ, state = optimizer.step(φ, g, state, lr)``.
+
+    ``num_steps`` (heterogeneous compute) limits this client to fewer steps: an ``int`` runs
+    ``min(num_steps, steps)`` steps; a 0-d tensor (one client under ``vmap``, where the count cannot
+    become a Python int) runs all ``steps`` but keeps the parameters of step ``num_steps`` from then
+    on (``torch.where`` masking), which gives the same parameters and gradients as stopping early.
     """
     if steps < 0:
         raise ValueError(f"Expected `steps` >= 0, got {steps!r}")
+    if isinstance(num_steps, int):
+        steps, num_steps = min(steps, max(num_steps, 0)), None
     params = dict(params)
     names = list(params) if adapt_names is None else list(adapt_names)
     fast = {k: params[k] for k in names}
@@ -87,14 +110,16 @@ def iterate_adaptation(
         return loss_fn({**frozen, **fast_params}, x, y, mask)
 
     state = optimizer.init(fast)
-    for _ in range(steps):
+    for k in range(steps):
         grads, loss = torch.func.grad_and_value(inner_loss)(fast)
         # The loss is a diagnostic: detached, so its forward graph is not kept alive into the next step.
         loss = loss.detach()
         yield {**frozen, **fast}, loss
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
-        fast, state = optimizer.step(fast, grads, state, lr)
+        stepped, state = optimizer.step(fast, grads, state, lr)
+        # A client past its step budget keeps its parameters (its optimizer state is never used again).
+        fast = keep_after_budget(num_steps, k, stepped, fast)
     yield {**frozen, **fast}, None
 
 
@@ -110,6 +135,7 @@ def adapt(
     lr: LearningRate | None = None,
     first_order: bool = False,
     adapt_names: Sequence[str] | None = None,
+    num_steps: Tensor | int | None = None,
 ) -> Params:
     """Parameters after ``steps`` inner steps on ``(x, y)``; see :func:`iterate_adaptation`.
 
@@ -127,6 +153,7 @@ def adapt(
         lr=lr,
         first_order=first_order,
         adapt_names=adapt_names,
+        num_steps=num_steps,
     ):
         pass
     return adapted

@@ -22,6 +22,7 @@ from lightning_metafed.functional.adapt import (
     InnerStep,
     LossFn,
     iterate_adaptation,
+    keep_after_budget,
 )
 from lightning_metafed.functional.inner import LearningRate
 
@@ -42,7 +43,12 @@ __all__ = [
 
 
 class ClientTask(NamedTuple):
-    """One client's task (unbatched), or ``m`` clients' tasks stacked along dim 0."""
+    """One client's task (unbatched), or ``m`` clients' tasks stacked along dim 0.
+
+    ``num_steps`` (optional) is the client's local step budget this round (heterogeneous compute):
+    the rules below stop its inner/local loop after that many steps (see
+    :func:`~lightning_metafed.functional.adapt.keep_after_budget`).
+    """
 
     support_x: Tensor
     support_y: Tensor
@@ -50,6 +56,7 @@ class ClientTask(NamedTuple):
     query_y: Tensor
     support_mask: Tensor | None = None
     query_mask: Tensor | None = None
+    num_steps: Tensor | int | None = None
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:
@@ -112,6 +119,7 @@ def maml_objective(
         lr=lr,
         first_order=first_order,
         adapt_names=adapt_names,
+        num_steps=task.num_steps,
     ):
         if support_loss is None:
             support_loss = loss
@@ -236,7 +244,7 @@ def reptile_update(
     support_loss = None
     final: Params = theta
     for final, loss in iterate_adaptation(
-        loss_fn, theta, x, y, optimizer=optimizer, steps=inner_steps, mask=mask, first_order=True
+        loss_fn, theta, x, y, optimizer=optimizer, steps=inner_steps, mask=mask, first_order=True, num_steps=task.num_steps
     ):
         if support_loss is None:
             support_loss = loss
@@ -271,6 +279,7 @@ def fedavg_update(
     local = dict(theta)
     state = optimizer.init(local)
     first_loss = None
+    k = 0  # local optimizer steps so far (``task.num_steps`` caps them)
     for _ in range(local_epochs):
         for start in range(0, n, b):
             sl = slice(start, start + b)
@@ -279,8 +288,9 @@ def fedavg_update(
             )(local)
             if first_loss is None:
                 first_loss = loss
-            local, state = optimizer.step(local, {k: g.detach() for k, g in grads.items()}, state)
-            local = _detached(local)
+            stepped, state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
+            local = keep_after_budget(task.num_steps, k, _detached(stepped), local)
+            k += 1
     if first_loss is None:
         first_loss = loss_fn(theta, x, y, mask)
     return _difference(theta, local), {"support_loss": first_loss.detach()}
@@ -332,7 +342,7 @@ def per_fedavg_update(
             hx, hy, hm = sx, sy, sm
     local = dict(theta)
     support_loss = query_loss = None
-    for _ in range(local_steps):
+    for t in range(local_steps):  # ``task.num_steps`` caps the local steps
         tilde = None
         for tilde, loss in iterate_adaptation(
             loss_fn, local, sx, sy, optimizer=optimizer, steps=inner_steps, mask=sm, lr=alpha, first_order=True
@@ -345,7 +355,7 @@ def per_fedavg_update(
         if variant == "hf":
             hv = hvp(lambda p: loss_fn(p, hx, hy, hm), local, g)
             g = {k: g[k] - alpha * hv[k] for k in g}
-        local = {k: (local[k] - beta * g[k]).detach() for k in local}
+        local = keep_after_budget(task.num_steps, t, {k: (local[k] - beta * g[k]).detach() for k in local}, local)
     if support_loss is None:
         support_loss = loss_fn(theta, sx, sy, sm)
     aux = {"support_loss": support_loss.detach()}

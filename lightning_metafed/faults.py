@@ -1,0 +1,155 @@
+"""Simulated federation faults: client dropout, heterogeneous compute and Byzantine clients.
+
+Pass a :class:`ClientFaults` as a module's ``faults`` argument (YAML)::
+
+    model:
+      faults:
+        dropout: 0.1               # each sampled client vanishes with this probability per round
+        step_choices: [1, 2, 5]    # per-client local step budget, drawn every round
+        step_probs: [0.2, 0.3, 0.5]
+        byzantine_fraction: 0.2    # these clients upload an attack instead of their update
+        byzantine_attack: sign_flip
+
+Every draw is a pure function of ``(seed, round, client)`` (see
+:mod:`lightning_metafed.data.seeding`), so a run and its resumed copy see the same faults, and
+every DDP process draws the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_metafed._validation import check_int, check_positive
+from lightning_metafed.data.seeding import (
+    ATTACK,
+    BYZANTINE,
+    DROPOUT,
+    STEPS,
+    generator,
+    uniform,
+)
+
+__all__ = ["ClientFaults", "ATTACKS"]
+
+#: Byzantine behaviours: what a bad client uploads instead of its honest update ``Δ``.
+ATTACKS = ("sign_flip", "scaled", "random")
+
+
+def _check_fraction(name: str, value: Any, upper_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value and (value < 1 if upper_open else value <= 1)
+    if not ok:
+        raise ValueError(f"Expected `{name}` in [0, {'1)' if upper_open else '1]'}, got {value!r}")
+    return float(value)
+
+
+class ClientFaults:
+    """What goes wrong in a simulated federation, drawn reproducibly from ``seed``.
+
+    Args:
+        dropout: probability that a sampled client drops out of a round (after receiving the model,
+            before uploading). Dropped clients cost no compute and contribute nothing; a round with
+            no survivors skips the server step.
+        step_choices: heterogeneous compute. Each round every client draws its local step budget
+            from these integers (stragglers do partial work): MAML/ANIL/Meta-SGD/Reptile cap their
+            inner steps, Per-FedAvg its local steps, FedAvg its local mini-batch steps. Values may not
+            exceed the algorithm's configured count. Under ``vmap`` the budget is applied by masking
+            the extra steps, with the same result as stopping early.
+        step_probs: probabilities of ``step_choices`` (default uniform).
+        byzantine_fraction: each client is Byzantine with this probability, fixed for the whole run
+            (decided from its integer ``client_id``; batches without ids draw per round).
+        byzantine_attack: what a Byzantine client uploads instead of its update ``Δ``:
+            ``"sign_flip"``: ``−scale·Δ``; ``"scaled"``: ``scale·Δ``; ``"random"``: Gaussian noise
+            with ``scale`` times the RMS of ``Δ`` (per parameter tensor) as standard deviation.
+        byzantine_scale: the ``scale`` above (> 0).
+        seed: seed of every draw above.
+    """
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        step_choices: Sequence[int] | None = None,
+        step_probs: Sequence[float] | None = None,
+        byzantine_fraction: float = 0.0,
+        byzantine_attack: Literal["sign_flip", "scaled", "random"] = "sign_flip",
+        byzantine_scale: float = 10.0,
+        seed: int = 0,
+    ):
+        self.dropout = _check_fraction("dropout", dropout)
+        if step_choices is not None:
+            step_choices = list(step_choices)
+            if not step_choices:
+                raise ValueError("Expected `step_choices` to hold at least one step count, got []")
+            for value in step_choices:
+                check_int("step_choices", value, minimum=0)
+        if step_probs is not None:
+            if step_choices is None:
+                raise ValueError("`step_probs` needs `step_choices`")
+            step_probs = [float(p) for p in step_probs]
+            if len(step_probs) != len(step_choices) or any(not p >= 0 for p in step_probs) or not sum(step_probs) > 0:
+                raise ValueError(
+                    f"Expected `step_probs` to hold {len(step_choices)} non-negative numbers with a positive sum "
+                    f"(one per step choice), got {step_probs!r}"
+                )
+        self.step_choices = step_choices
+        self.step_probs = step_probs
+        self.byzantine_fraction = _check_fraction("byzantine_fraction", byzantine_fraction)
+        if byzantine_attack not in ATTACKS:
+            raise ValueError(f"Expected `byzantine_attack` to be one of {ATTACKS}, got {byzantine_attack!r}")
+        self.byzantine_attack = byzantine_attack
+        self.byzantine_scale = check_positive("byzantine_scale", byzantine_scale)
+        self.seed = check_int("seed", seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    @property
+    def max_steps(self) -> int | None:
+        return None if self.step_choices is None else max(self.step_choices)
+
+    def dropped(self, round_idx: int, m: int) -> Tensor:
+        """``[m]`` bool: which of the round's sampled clients drop out."""
+        if self.dropout == 0:
+            return torch.zeros(m, dtype=torch.bool)
+        return torch.rand(m, generator=generator(self.seed, DROPOUT, round_idx)) < self.dropout
+
+    def num_steps(self, round_idx: int, m: int) -> Tensor | None:
+        """``[m]`` int64 step budgets of the round's clients (``None`` without ``step_choices``)."""
+        if self.step_choices is None:
+            return None
+        probs = torch.tensor(self.step_probs or [1.0] * len(self.step_choices), dtype=torch.float64)
+        picks = torch.multinomial(probs, m, replacement=True, generator=generator(self.seed, STEPS, round_idx))
+        return torch.tensor(self.step_choices, dtype=torch.long)[picks]
+
+    def byzantine(self, round_idx: int, client_id: Any, m: int) -> Tensor:
+        """``[m]`` bool: which of the round's clients are Byzantine."""
+        if self.byzantine_fraction == 0:
+            return torch.zeros(m, dtype=torch.bool)
+        if isinstance(client_id, Tensor) and not client_id.is_floating_point():
+            return torch.tensor([uniform(self.seed, BYZANTINE, int(c)) < self.byzantine_fraction for c in client_id.tolist()])
+        return torch.rand(m, generator=generator(self.seed, BYZANTINE, -1, round_idx)) < self.byzantine_fraction
+
+    def attack(self, updates: Mapping[str, Tensor], bad: Tensor, round_idx: int) -> dict[str, Tensor]:
+        """The uploads with the rows of ``bad`` clients replaced by the configured attack."""
+        s = self.byzantine_scale
+        out = {}
+        gen = generator(self.seed, ATTACK, round_idx)
+        for name in sorted(updates):
+            u = updates[name]
+            flag = bad.to(u.device).view(-1, *([1] * (u.dim() - 1)))
+            if self.byzantine_attack == "sign_flip":
+                evil = -s * u
+            elif self.byzantine_attack == "scaled":
+                evil = s * u
+            else:
+                rms = u.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (u.dim() - 1)))
+                noise = torch.randn(u.shape, generator=gen, dtype=torch.float32).to(device=u.device, dtype=u.dtype)
+                evil = s * rms * noise
+            out[name] = torch.where(flag, evil, u)
+        return out
+
+
+torch.serialization.add_safe_globals([ClientFaults])
