@@ -1,7 +1,13 @@
 """lightning-metafed: federated meta-learning for PyTorch Lightning."""
 
-from lightning_metafed import aggregators, functional, inner
-from lightning_metafed.aggregators import Aggregator, Mean
+from lightning_metafed import aggregators, faults, functional, inner, privacy
+from lightning_metafed.aggregators import (
+    Aggregator,
+    CoordinateMedian,
+    Mean,
+    NormBoundedMean,
+    TrimmedMean,
+)
 from lightning_metafed.algorithms import (
     ANIL,
     MAML,
@@ -11,13 +17,24 @@ from lightning_metafed.algorithms import (
     PerFedAvg,
     Reptile,
 )
+from lightning_metafed.checkpoint import AtomicCheckpointIO
 from lightning_metafed.data import TaskBatch
+from lightning_metafed.faults import ClientFaults
+from lightning_metafed.privacy import ClientDP
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
     "Aggregator",
+    "AtomicCheckpointIO",
+    "ClientDP",
+    "ClientFaults",
+    "CoordinateMedian",
+    "NormBoundedMean",
+    "TrimmedMean",
+    "faults",
+    "privacy",
     "FedAvg",
     "MAML",
     "Mean",

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_metafed.algorithms.base import MetaFedModule
+from lightning_metafed.checkpoint import AtomicCheckpointIO
 from lightning_metafed.data.datamodule import FederatedDataModule
 
 __all__ = ["MetaFedCLI", "build_cli", "main"]
@@ -24,8 +26,16 @@ __all__ = ["MetaFedCLI", "build_cli", "main"]
 
 class MetaFedCLI(LightningCLI):
     """LightningCLI with our defaults: seeded runs, TensorBoard logs under ``lightning_logs/``, a
-    checkpoint callback keeping ``last.ckpt`` and the best ``val/loss_post``, and (``fit`` only) a
-    test of the best checkpoint on the held-out clients when training ends."""
+    checkpoint callback keeping ``last.ckpt`` and the best ``val/loss_post``, checkpoints written
+    atomically (:class:`~lightning_metafed.checkpoint.AtomicCheckpointIO`, unless another checkpoint
+    plugin is given), and (``fit`` only) a test of the best checkpoint on the held-out clients when
+    training ends."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -121,11 +121,26 @@ def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: 
 
 def server_update(model: MetaFedModule, optimizer: torch.optim.Optimizer, replies: Sequence[RecordDict]) -> dict[str, float]:
     """Aggregate the clients' updates (in partition order) with the module's aggregator and take
-    a server-optimizer step; returns the mean of the clients' metrics."""
+    a server-optimizer step; returns the mean of the clients' metrics.
+
+    Non-finite updates are dropped first (``reject_nonfinite``). The module's simulated ``faults``
+    do not apply (a deployment has real ones), and ``privacy`` is refused: this server step adds
+    no noise, so it would not give the guarantee the config asks for.
+    """
+    if model.privacy is not None:
+        raise ValueError(
+            f"`privacy` ({model.privacy!r}) is applied by the Lightning round only; the Flower server step adds no "
+            "noise. Remove it from the config for a Flower deployment."
+        )
     replies = sorted(replies, key=lambda r: int(r["metrics"]["partition"]))
     states = [r["arrays"].to_torch_state_dict() for r in replies]
     updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
     weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
+    if model.reject_nonfinite:
+        finite = torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
+        if not finite.any():
+            raise FloatingPointError(f"Every one of the {len(replies)} client updates holds NaN/inf")
+        updates, weights = {k: u[finite] for k, u in updates.items()}, weights[finite]
     aggregate = model.aggregator(updates, weights if model.aggregator.uses_weights else None)
     optimizer.zero_grad()
     for name, p in model.named_parameters():

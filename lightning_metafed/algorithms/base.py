@@ -373,12 +373,13 @@ class MetaFedModule(pl.LightningModule):
                 f"Expected `clients_per_round` >= the {world} DDP processes (each takes a share of the round's "
                 f"clients), got a round of {sampled} clients"
             )
-        batch = self._apply_faults(batch)
-        m = batch.num_clients
+        survivors = self._apply_faults(batch)
+        m = 0 if survivors is None else survivors.num_clients
         self._round_faults = {"dropped": sampled - m, "byzantine": 0, "rejected": 0}
-        if m == 0:
+        if survivors is None:
             self._count_communication(sampled, 0, download=payload_bytes(params), upload=0)
             return None, {}
+        batch = survivors
         weights = batch.weight if self.aggregator.uses_weights else None
         split = m >= world  # else every process computes every survivor
         lo, hi = self._share(m) if split else (0, m)
@@ -421,8 +422,9 @@ class MetaFedModule(pl.LightningModule):
     def _all_finite(values: Mapping[str, Tensor]) -> bool:
         return bool(torch.stack([torch.isfinite(v).all() for v in values.values()]).all())  # one sync
 
-    def _apply_faults(self, batch: TaskBatch) -> TaskBatch:
-        """The round's surviving clients, with their step budgets (``faults``; else ``batch``)."""
+    def _apply_faults(self, batch: TaskBatch) -> TaskBatch | None:
+        """The round's surviving clients with their step budgets (``faults``; else ``batch``);
+        ``None`` when every client dropped out."""
         faults = self.faults
         if faults is None:
             return batch
@@ -436,6 +438,8 @@ class MetaFedModule(pl.LightningModule):
                 )
             batch = replace(batch, num_steps=faults.num_steps(round_idx, m).to(batch.support_x.device))
         dropped = faults.dropped(round_idx, m)
+        if dropped.all():
+            return None
         if dropped.any():
             batch = batch[~dropped]
         return batch

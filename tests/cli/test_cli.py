@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_metafed.checkpoint import AtomicCheckpointIO
 from lightning_metafed.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,8 @@ def test_configs_directory_has_one_config_per_algorithm_and_dataset():
         "synthetic/perfedavg_hf.yaml",
         "synthetic/fedavg.yaml",
         "synthetic/maml.yaml",
+        "synthetic/maml_faults.yaml",
+        "synthetic/maml_dp.yaml",
         "digits/maml.yaml",
         "digits/anil.yaml",
         "digits/fedavg.yaml",
@@ -55,6 +58,7 @@ def test_every_config_prints_and_fits_a_few_rounds(config, tmp_path, capsys):
     metrics = cli.trainer.callback_metrics
     assert "test/loss_post" in metrics and math.isfinite(float(metrics["test/loss_post"]))
     assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").exists()
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # checkpoints are never half-written
 
 
 @pytest.mark.parametrize("config", ["sinusoid/maml.yaml", "digits/anil.yaml"])

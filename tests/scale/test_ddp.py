@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_metafed.faults import ClientFaults
+
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
@@ -23,7 +25,7 @@ def run(devices: int, out: Path, path: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("path", ["fast", "explicit"])
+@pytest.mark.parametrize("path", ["fast", "explicit", "robust", "private"])
 def test_two_process_ddp_matches_one_process(path, tmp_path):
     single = run(1, tmp_path / "one.pt", path)
     double = run(2, tmp_path / "two.pt", path)
@@ -32,6 +34,12 @@ def test_two_process_ddp_matches_one_process(path, tmp_path):
     for key, value in single["test"].items():  # held-out metrics: every client counted exactly once
         assert double["test"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert double["comm"] == single["comm"]
+    assert double["faults"] == single["faults"]
+    if path in ("robust", "private"):
+        assert single["faults"]["dropped_clients"] > 0 and single["faults"]["byzantine_uploads"] > 0
+        # some round keeps fewer clients than processes: every process then computes all of them
+        faults = ClientFaults(dropout=0.5, seed=1)
+        assert min(int((~faults.dropped(r, 5)).sum()) for r in range(6)) < 2
     rows = list(csv.DictReader(open(Path(double["log_dir"]) / "test_clients.csv")))
     assert len(rows) == 5 and len({r["client_id"] for r in rows}) == 5
 

@@ -37,20 +37,32 @@ def test_only_parameters_and_updates_cross_the_wire():
     assert [e["partition"] for e in evaluation] == [0, 1] and all("loss_post" in e for e in evaluation)
 
 
-def test_in_process_protocol_equals_the_module_round():
-    """Two Flower clients' updates, aggregated on the server, equal one module round over those clients."""
-    result = simulate(CONFIG, [0, 1], rounds=1)
-    model, data = load_from_config(CONFIG)
+def assert_protocol_equals_module_round(partitions, overrides=()):
+    result = simulate(CONFIG, partitions, rounds=1, overrides=overrides)
+    model, data = load_from_config(CONFIG, overrides)
     train = data.population("train")
     from lightning_metafed.data import stack_tasks
 
-    batch = stack_tasks([data.train_task(train, p, 0) for p in (0, 1)], [float(train.size(p)) for p in (0, 1)], [0, 1])
+    batch = stack_tasks(
+        [data.train_task(train, p, 0) for p in partitions], [float(train.size(p)) for p in partitions], list(partitions)
+    )
     optimizer = model.configure_optimizers()
     optimizer.zero_grad()
     model.round_gradients(batch)
     optimizer.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(result["parameters"][name], p.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_in_process_protocol_equals_the_module_round():
+    """Two Flower clients' updates, aggregated on the server, equal one module round over those clients."""
+    assert_protocol_equals_module_round([0, 1])
+
+
+def test_flower_server_uses_robust_aggregators_and_refuses_privacy():
+    assert_protocol_equals_module_round([0, 1, 2], ["--model.aggregator=lightning_metafed.aggregators.CoordinateMedian"])
+    with pytest.raises(ValueError, match="`privacy`.*adds no noise"):
+        simulate(CONFIG, [0, 1], rounds=1, overrides=["--model.privacy=lightning_metafed.privacy.ClientDP"])
 
 
 def test_local_deployment_matches_in_process_run(tmp_path):
