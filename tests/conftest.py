@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -34,6 +35,15 @@ def classification_batch(m: int, support: int = 6, query: int = 8, dim: int = 4,
 def mlp(inp: int = 1, hidden: int = 8, out: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, out)).double()
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or validation (override any)."""
+    defaults = dict(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.fixture

@@ -10,17 +10,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from robustness import run  # noqa: E402
 
-SEEDS = (0, 1)
+SEEDS = range(5)
 
 
 def mean_accuracy(aggregator: str, fraction: float) -> float:
     return statistics.mean(run(aggregator, fraction, "random", 100.0, seed=s) for s in SEEDS)
 
 
-def test_trimmed_mean_holds_under_byzantine_clients_and_the_mean_does_not():
+def test_trimmed_mean_and_median_hold_under_byzantine_clients_and_the_mean_does_not():
+    """Random uploads (100 × the update's RMS) from 20 % of clients, 80 rounds, 5 seeds. Measured:
+    clean 0.834; attacked trimmed mean 0.824, median 0.819, plain mean 0.674."""
     clean = mean_accuracy("mean", 0.0)
     attacked_mean = mean_accuracy("mean", 0.2)
     attacked_trimmed = mean_accuracy("trimmed_mean(0.3)", 0.2)
+    attacked_median = mean_accuracy("median", 0.2)
     assert clean > 0.75  # the clean run learns (chance is 0.1)
     assert attacked_trimmed >= clean - 0.02, (clean, attacked_trimmed)
+    assert attacked_median >= clean - 0.02, (clean, attacked_median)
     assert attacked_mean <= clean - 0.05, (clean, attacked_mean)

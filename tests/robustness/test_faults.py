@@ -9,7 +9,7 @@ from dataclasses import replace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import mlp, sinusoid_batch
+from conftest import mlp, quiet_trainer, sinusoid_batch
 from torch.utils.data import DataLoader
 
 import lightning_metafed as lm
@@ -19,14 +19,6 @@ from lightning_metafed.faults import ClientFaults
 from lightning_metafed.inner import SGD, Adam
 
 SERVER_SGD_1 = functools.partial(torch.optim.SGD, lr=1.0)
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 # name -> (builder taking the full step count, the argument it sets)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import mlp, sinusoid_batch
+from conftest import mlp, quiet_trainer, sinusoid_batch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader
 
@@ -18,14 +18,6 @@ from lightning_metafed.privacy import ClientDP
 
 def stacked(*rows):
     return torch.tensor(rows, dtype=torch.float64)
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def test_clipping_by_hand_and_zero_noise_gives_the_clipped_sum_over_sampled_clients():
