@@ -31,6 +31,12 @@ class MetaFedCLI(LightningCLI):
     plugin is given), and (``fit`` only) a test of the best checkpoint on the held-out clients when
     training ends."""
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # `--trainer.enable_checkpointing=false` turns our checkpoint callback off instead of clashing with it.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer

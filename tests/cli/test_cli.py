@@ -135,6 +135,15 @@ def test_bf16_mixed_second_order_maml_fit_has_finite_loss(tmp_path):
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
+def test_checkpointing_can_be_switched_off_from_the_command_line(tmp_path):
+    cli = build_cli(
+        ["fit", "--config", str(ROOT / "configs/sinusoid/maml.yaml"), "--config", str(SMOKE), "--trainer.enable_checkpointing=false",
+         "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    )
+    assert cli.trainer.global_step == 3 and cli.trainer.checkpoint_callback is None
+    assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
