@@ -23,6 +23,7 @@ import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -132,9 +133,10 @@ def train_and_test(row: Row, common: list[str], seed: int, smoke: bool) -> dict[
     if smoke:
         args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=30", "--trainer.limit_val_batches=1"]
     start = time.perf_counter()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory() as scratch:
         warnings.simplefilter("ignore")
-        cli = build_cli(args[1:], run=False)
+        # The CLI saves its config.yaml under default_root_dir: keep it out of the working directory.
+        cli = build_cli([*args[1:], f"--trainer.default_root_dir={scratch}"], run=False)
         history = History()
         cli.trainer.callbacks.append(history)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
