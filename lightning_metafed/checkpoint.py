@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO"]
+__all__ = ["AtomicCheckpointIO", "latest_checkpoint"]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -73,3 +73,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
             raise
         _fsync_dir(directory)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> str:
+    """The checkpoint in ``directory`` with the highest ``global_step`` (``last.ckpt`` on a tie).
+
+    Resume from this rather than from ``last.ckpt`` alone: ``ModelCheckpoint`` writes a step
+    checkpoint first and ``last.ckpt`` after it, so a run killed in between leaves ``last.ckpt`` one
+    save behind (or missing, before the first save completes). Hidden temporary files of
+    :class:`AtomicCheckpointIO` are never considered.
+    """
+    paths = sorted(p for p in os.listdir(directory) if p.endswith(".ckpt") and not p.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"No checkpoint (*.ckpt) in {os.fspath(directory)!r}")
+
+    def key(name: str) -> tuple[int, bool]:
+        step = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=False)["global_step"]
+        return step, name == "last.ckpt"
+
+    return os.path.join(directory, max(paths, key=key))

@@ -59,3 +59,16 @@ def test_trainer_checkpoints_through_the_plugin_all_load(tmp_path):
     assert "last.ckpt" in names and len(names) == 4 and all(n.endswith(".ckpt") for n in names)
     for name in names:
         assert torch.load(tmp_path / name, weights_only=False)["global_step"] in (2, 4, 6)
+
+
+def test_latest_checkpoint_picks_the_highest_step_and_ignores_temporary_files(tmp_path):
+    from lightning_metafed.checkpoint import latest_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        latest_checkpoint(tmp_path)
+    for name, step in (("round5.ckpt", 5), ("round10.ckpt", 10), ("last.ckpt", 5)):
+        torch.save({"global_step": step}, tmp_path / name)
+    (tmp_path / ".round15.ckpt.123.abcd.tmp").write_bytes(b"half a file")  # a save killed mid-write
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "round10.ckpt")  # last.ckpt lags one save behind
+    torch.save({"global_step": 10}, tmp_path / "last.ckpt")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")  # on a tie, last.ckpt

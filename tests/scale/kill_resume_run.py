@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_metafed as lm
-from lightning_metafed.checkpoint import AtomicCheckpointIO
+from lightning_metafed.checkpoint import AtomicCheckpointIO, latest_checkpoint
 from lightning_metafed.data import SyntheticClients
 from lightning_metafed.inner import SGD
 from lightning_metafed.nets import MLP
@@ -43,20 +43,6 @@ class Progress(Callback):
         tmp.write_text(f"{trainer.global_step} {trainer.current_epoch} {batch_idx}")
         os.replace(tmp, self.path)  # the parent never reads a half-written line
         time.sleep(self.sleep)
-
-
-def latest_checkpoint(directory: Path) -> Path:
-    """The checkpoint with the highest global step. Not simply last.ckpt: ModelCheckpoint writes the
-    step checkpoint first and last.ckpt after it, so a kill in between leaves last.ckpt one save behind
-    (or missing, before the first save completes)."""
-    ckpts = sorted(directory.glob("*.ckpt"))  # never AtomicCheckpointIO's hidden *.tmp files
-    if not ckpts:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-
-    def key(path: Path) -> tuple[int, bool]:  # on a tie, last.ckpt
-        return torch.load(path, map_location="cpu", weights_only=False)["global_step"], path.name == "last.ckpt"
-
-    return max(ckpts, key=key)
 
 
 def adam(params):
