@@ -263,6 +263,16 @@ def render(results: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------- plots
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(results: dict[str, Any], out: Path) -> list[Path]:
     """PNG figures: sinusoid MSE vs steps; synthetic accuracy bars; digits accuracy vs MB."""
     import matplotlib
@@ -288,11 +298,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
         ax.set(xlabel="adaptation steps on the 10-shot support set", ylabel="query MSE (held-out clients)",
                yscale="log", ylim=(0.2, 6), title=f"Sinusoid: MSE vs adaptation steps ({len(results['seeds'])} seeds)")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "sinusoid_adaptation.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, ax, out / "sinusoid_adaptation.png"))
     if "synthetic" in experiments:
         rows = table_rows(experiments["synthetic"])
         names = list(dict.fromkeys(label.rsplit(" ", 1)[0] for label, _, _ in rows))
@@ -308,11 +314,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             ax.bar([i + (j - 0.5) * width for i in range(len(names))], means, width, yerr=stds, label=model, capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set(ylabel="personalized test accuracy", ylim=(0, 1), title="Synthetic(0.5, 0.5), 100 clients")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "synthetic_accuracy.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, ax, out / "synthetic_accuracy.png"))
     if "digits" in experiments:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, row in experiments["digits"]["rows"].items():
@@ -322,11 +324,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlim(0, 60)  # every curve has flattened by then
         ax.set(xlabel="MB communicated (down + up)", ylabel="new clients' accuracy after adaptation",
                title=f"Digits: accuracy vs communication (seed {results['seeds'][0]})")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "digits_communication.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, ax, out / "digits_communication.png"))
     return written
 
 
