@@ -104,7 +104,7 @@ class TrimmedMean(Aggregator):
         out = {}
         for name, u in updates.items():
             m = u.shape[0]
-            k = int(self.trim * m)
+            k = int(self.trim * m + 1e-9)  # ⌊trim·m⌋, robust to 0.29 * 100 = 28.999...
             if m - 2 * k < 1:
                 return CoordinateMedian()(updates)
             out[name] = torch.sort(u, dim=0).values[k : m - k].mean(0)

@@ -141,6 +141,7 @@ def server_update(model: MetaFedModule, optimizer: torch.optim.Optimizer, replie
         if not finite.any():
             raise FloatingPointError(f"Every one of the {len(replies)} client updates holds NaN/inf")
         updates, weights = {k: u[finite] for k, u in updates.items()}, weights[finite]
+        replies = [r for r, ok in zip(replies, finite.tolist()) if ok]  # their metrics are left out too
     aggregate = model.aggregator(updates, weights if model.aggregator.uses_weights else None)
     optimizer.zero_grad()
     for name, p in model.named_parameters():

@@ -14,6 +14,7 @@ of a per-client loss, :meth:`client_objective`, which enables the one-backward f
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -617,6 +619,8 @@ class MetaFedModule(pl.LightningModule):
             raise ValueError("`privacy_spent()` needs the module's `privacy` (a ClientDP)")
         if not self._accountant.history:
             return 0.0
+        if self.privacy.noise_multiplier == 0:  # no noise, no privacy (the PRV accountant cannot say so itself)
+            return math.inf
         return float(self._accountant.get_epsilon(delta=self.privacy.delta))
 
     def _sample_rate(self) -> float:
@@ -666,16 +670,21 @@ class MetaFedModule(pl.LightningModule):
         checkpoint["metafed_communication"] = dict(self.communication)
         checkpoint["metafed_faults"] = dict(self.fault_counts)
         if self._accountant is not None:
-            checkpoint["metafed_privacy"] = {"accountant": self._accountant.state_dict(), "seed": self._dp_seed}
+            # The accountant's history only: a drawn noise seed must never be written anywhere, or
+            # whoever reads the checkpoint could regenerate and subtract the noise.
+            checkpoint["metafed_privacy"] = {"accountant": self._accountant.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            # Evaluating a checkpoint (e.g. test of the best one after fit) loads its weights only:
+            # the run's communication, fault counts and privacy spent so far must not roll back.
+            return
         self.communication = dict(checkpoint.get("metafed_communication", self.communication))
         self.fault_counts = {**self.fault_counts, **checkpoint.get("metafed_faults", {})}
         privacy = checkpoint.get("metafed_privacy")
         if privacy is not None and self._accountant is not None:
             self._accountant.load_state_dict(privacy["accountant"])
-            if self.privacy.seed is not None:  # a fixed seed resumes the same noise; a fresh one is drawn otherwise
-                self._dp_seed = privacy["seed"]
 
     def on_fit_end(self) -> None:
         c = self.communication

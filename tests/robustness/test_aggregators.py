@@ -38,6 +38,12 @@ def test_trimmed_mean_by_hand():
     torch.testing.assert_close(out["w"], stacked((2.0 + 3.0 + 4.0) / 3, (0.0 + 1.0 + 2.0) / 3))
 
 
+def test_trimmed_mean_trims_floor_of_trim_times_m_even_when_the_product_is_inexact():
+    # 0.29 * 100 is 28.999... in floating point; 29 huge outliers must all be trimmed
+    w = torch.cat([torch.full((29, 1), 1e6, dtype=torch.float64), torch.arange(71, dtype=torch.float64).view(-1, 1)])
+    assert TrimmedMean(0.29)({"w": w})["w"].item() < 100
+
+
 def test_trimmed_mean_with_zero_trim_is_the_mean_and_falls_back_to_the_median_when_nothing_is_left():
     w = stacked([1.0], [2.0], [9.0])
     torch.testing.assert_close(TrimmedMean(0.0)({"w": w})["w"], stacked(4.0))

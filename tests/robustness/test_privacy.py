@@ -102,3 +102,38 @@ def test_dp_errors_are_clear_before_training():
     sized = SinusoidClients(num_clients=20, clients_per_round=2, client_sampling="size", support_size=5, query_size=5)
     with pytest.raises(ValueError, match="uniform client sampling"):
         quiet_trainer(max_steps=1).fit(lm.MAML(mlp().float(), privacy=ClientDP()), datamodule=sized)
+
+
+def test_a_drawn_noise_seed_is_never_written_to_a_checkpoint(tmp_path):
+    data = SinusoidClients(num_clients=50, clients_per_round=5, support_size=5, query_size=5, rounds_per_epoch=2, seed=0)
+    model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.05), privacy=ClientDP(noise_multiplier=1.0))  # seed=None
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "dp.ckpt")
+    checkpoint = torch.load(tmp_path / "dp.ckpt", weights_only=False)
+    assert model._dp_seed is not None and str(model._dp_seed) not in repr(checkpoint)  # the noise cannot be regenerated
+    assert checkpoint["metafed_privacy"]["accountant"]["history"] == [(1.0, 5 / 40, 2)]
+
+
+def test_testing_an_earlier_checkpoint_does_not_roll_back_privacy_spent_or_counters(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = SinusoidClients(num_clients=50, clients_per_round=5, support_size=5, query_size=5, rounds_per_epoch=6, seed=0)
+    model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.05), privacy=ClientDP(noise_multiplier=1.0, seed=1))
+    every2 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[every2])
+    trainer.fit(model, datamodule=data)
+    spent, comm = model.privacy_spent(), dict(model.communication)
+    trainer.test(model, datamodule=data, ckpt_path=str(tmp_path / "step=2.ckpt"), verbose=False)
+    assert model._accountant.history == [(1.0, 5 / 40, 6)] and model.privacy_spent() == spent
+    assert model.communication == comm and comm["rounds"] == 6
+    restored = lm.MAML.load_from_checkpoint(tmp_path / "step=2.ckpt", net=mlp().float())  # a fresh module restores
+    assert restored._accountant.history == [(1.0, 5 / 40, 2)] and restored.communication["rounds"] == 2
+
+
+def test_without_noise_epsilon_is_infinite_for_both_accountants():
+    for kind in ("rdp", "prv"):
+        data = SinusoidClients(num_clients=50, clients_per_round=5, support_size=5, query_size=5, rounds_per_epoch=2, seed=0)
+        model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.05), privacy=ClientDP(noise_multiplier=0.0, accountant=kind))
+        quiet_trainer(max_epochs=1).fit(model, datamodule=data)  # the fit-end summary computes ε too
+        assert model.privacy_spent() == float("inf"), kind

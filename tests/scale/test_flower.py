@@ -74,3 +74,23 @@ def test_local_deployment_matches_in_process_run(tmp_path):
     assert deployed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(deployed[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_flower_server_drops_a_nan_update_from_the_aggregate_and_the_metrics():
+    from flwr import app
+
+    from lightning_metafed.flower import server_update
+
+    model, _ = load_from_config(CONFIG)
+    names = [k for k, _ in model.named_parameters()]
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def reply(partition, value, loss):
+        arrays = app.ArrayRecord(torch_state_dict={k: torch.full_like(before[k], value) for k in names})
+        return app.RecordDict({"arrays": arrays, "metrics": app.MetricRecord({"partition": partition, "weight": 1.0, "query_loss": loss})})
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = server_update(model, optimizer, [reply(0, 1.0, 2.0), reply(1, float("nan"), float("nan")), reply(2, 3.0, 4.0)])
+    assert metrics["query_loss"] == 3.0  # the mean over the two finite clients
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[k] - 2.0)  # θ − mean(1, 3)
