@@ -31,13 +31,21 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_metafed._validation import check_positive
+from lightning_metafed._validation import (
+    ConfigObject,
+    check_int,
+    check_positive,
+    check_range,
+)
 from lightning_metafed.functional.aggregate import weighted_mean
 
-__all__ = ["Aggregator", "Mean", "CoordinateMedian", "TrimmedMean", "NormBoundedMean", "Bucketing", "update_norms"]
+__all__ = [
+    "Aggregator", "Mean", "CoordinateMedian", "TrimmedMean", "NormBoundedMean", "Bucketing",
+    "update_norms", "clip_to_norm", "finite_clients",
+]
 
 
-class Aggregator:
+class Aggregator(ConfigObject):
     """Base class for aggregators."""
 
     #: True when ``__call__`` returns the (weighted) mean of the updates.
@@ -47,9 +55,6 @@ class Aggregator:
 
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 class Mean(Aggregator):
@@ -68,6 +73,19 @@ class Mean(Aggregator):
 def update_norms(updates: Mapping[str, Tensor]) -> Tensor:
     """Each client's update norm over all parameters together: ``[m]``."""
     return torch.sqrt(sum((u.flatten(1).double() ** 2).sum(1) for u in updates.values())).to(next(iter(updates.values())).dtype)
+
+
+def clip_to_norm(updates: Mapping[str, Tensor], max_norm: float) -> tuple[dict[str, Tensor], Tensor]:
+    """Each client's update scaled down to norm ``max_norm`` at most (all parameters together), and
+    the norms before clipping."""
+    norms = update_norms(updates)
+    factor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    return {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}, norms
+
+
+def finite_clients(updates: Mapping[str, Tensor]) -> Tensor:
+    """``[m]`` bool: which clients' uploads hold no NaN/inf in any parameter."""
+    return torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
 
 
 class CoordinateMedian(Aggregator):
@@ -96,9 +114,7 @@ class TrimmedMean(Aggregator):
     """
 
     def __init__(self, trim: float = 0.1):
-        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
-            raise ValueError(f"Expected `trim` in [0, 0.5), got {trim!r}")
-        self.trim = float(trim)
+        self.trim = check_range("trim", trim, 0, 0.5)
 
     def __call__(self, updates, weights=None):
         out = {}
@@ -124,9 +140,7 @@ class NormBoundedMean(Aggregator):
         self.uses_weights = self.weighted
 
     def __call__(self, updates, weights=None):
-        factor = (self.max_norm / update_norms(updates).clamp_min(1e-12)).clamp(max=1.0)
-        clipped = {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}
-        return weighted_mean(clipped, weights if self.weighted else None)
+        return weighted_mean(clip_to_norm(updates, self.max_norm)[0], weights if self.weighted else None)
 
 
 class Bucketing(Aggregator):
@@ -145,10 +159,8 @@ class Bucketing(Aggregator):
     def __init__(self, aggregator: Aggregator, bucket_size: int = 2):
         if not isinstance(aggregator, Aggregator):
             raise ValueError(f"Expected `aggregator` to be an Aggregator, got {type(aggregator).__name__}")
-        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-            raise ValueError(f"Expected `bucket_size` to be an integer >= 1, got {bucket_size!r}")
         self.aggregator = aggregator
-        self.bucket_size = bucket_size
+        self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
 
     def __call__(self, updates, weights=None):
         means = {}

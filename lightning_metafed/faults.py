@@ -23,7 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_metafed._validation import check_int, check_positive
+from lightning_metafed._validation import (
+    ConfigObject,
+    check_int,
+    check_positive,
+    check_range,
+)
 from lightning_metafed.data.seeding import (
     ATTACK,
     BYZANTINE,
@@ -39,14 +44,7 @@ __all__ = ["ClientFaults", "ATTACKS"]
 ATTACKS = ("sign_flip", "scaled", "random")
 
 
-def _check_fraction(name: str, value: Any, upper_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value and (value < 1 if upper_open else value <= 1)
-    if not ok:
-        raise ValueError(f"Expected `{name}` in [0, {'1)' if upper_open else '1]'}, got {value!r}")
-    return float(value)
-
-
-class ClientFaults:
+class ClientFaults(ConfigObject):
     """What goes wrong in a simulated federation, drawn reproducibly from ``seed``.
 
     Args:
@@ -78,7 +76,7 @@ class ClientFaults:
         byzantine_scale: float = 10.0,
         seed: int = 0,
     ):
-        self.dropout = _check_fraction("dropout", dropout)
+        self.dropout = check_range("dropout", dropout, 0, 1)
         if step_choices is not None:
             step_choices = list(step_choices)
             if not step_choices:
@@ -96,15 +94,12 @@ class ClientFaults:
                 )
         self.step_choices = step_choices
         self.step_probs = step_probs
-        self.byzantine_fraction = _check_fraction("byzantine_fraction", byzantine_fraction)
+        self.byzantine_fraction = check_range("byzantine_fraction", byzantine_fraction, 0, 1)
         if byzantine_attack not in ATTACKS:
             raise ValueError(f"Expected `byzantine_attack` to be one of {ATTACKS}, got {byzantine_attack!r}")
         self.byzantine_attack = byzantine_attack
         self.byzantine_scale = check_positive("byzantine_scale", byzantine_scale)
         self.seed = check_int("seed", seed)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     @property
     def max_steps(self) -> int | None:

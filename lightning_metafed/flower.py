@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_metafed.aggregators import finite_clients
 from lightning_metafed.data.datamodule import stack_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,7 +138,7 @@ def server_update(model: MetaFedModule, optimizer: torch.optim.Optimizer, replie
     updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
     weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
     if model.reject_nonfinite:
-        finite = torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
+        finite = finite_clients(updates)
         if not finite.any():
             raise FloatingPointError(f"Every one of the {len(replies)} client updates holds NaN/inf")
         updates, weights = {k: u[finite] for k, u in updates.items()}, weights[finite]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_metafed._validation import ConfigObject, check_range
 from lightning_metafed.functional import inner as F
 
 __all__ = ["InnerOptimizer", "SGD", "Adam", "TorchOptimizer"]
@@ -29,21 +30,13 @@ def _check_lr(lr: float) -> float:
     return float(lr)
 
 
-def _check_unit(name: str, value: float, *, allow_zero: bool = True) -> float:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value < 1):
-        bound = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"Expected `{name}` in {bound}, got {value!r}")
-    return float(value)
-
-
 def _check_weight_decay(value: float) -> float:
     if not value >= 0 or value == float("inf"):  # also rejects NaN
         raise ValueError(f"Expected `weight_decay` to be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-class InnerOptimizer:
+class InnerOptimizer(ConfigObject):
     """Base class: a differentiable optimizer the clients use to adapt.
 
     Subclasses implement :meth:`init` and :meth:`step` as pure functions of dicts of tensors, and
@@ -69,17 +62,13 @@ class InnerOptimizer:
         """The equivalent ``torch.optim`` optimizer (used by the ``higher`` backend)."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
 
 class SGD(InnerOptimizer):
     """Plain or momentum SGD; equals ``torch.optim.SGD`` (dampening 0)."""
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         self.lr = _check_lr(lr)
-        self.momentum = _check_unit("momentum", momentum)
+        self.momentum = check_range("momentum", momentum, 0, 1)
         if nesterov and self.momentum == 0.0:
             raise ValueError(f"Expected `momentum` > 0 when `nesterov=True`, got momentum={momentum!r}")
         self.nesterov = bool(nesterov)
@@ -118,7 +107,7 @@ class Adam(InnerOptimizer):
         self.lr = _check_lr(lr)
         if len(betas) != 2:
             raise ValueError(f"Expected `betas` to be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_check_unit("betas[0]", betas[0]), _check_unit("betas[1]", betas[1]))
+        self.betas = (check_range("betas[0]", betas[0], 0, 1), check_range("betas[1]", betas[1], 0, 1))
         if not eps > 0:
             raise ValueError(f"Expected `eps` > 0, got {eps!r}")
         self.eps = float(eps)

@@ -28,8 +28,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_metafed._validation import check_int, check_positive
-from lightning_metafed.aggregators import update_norms
+from lightning_metafed._validation import (
+    ConfigObject,
+    check_int,
+    check_positive,
+    check_range,
+)
+from lightning_metafed.aggregators import clip_to_norm
 from lightning_metafed.data.seeding import PRIVACY, generator
 
 __all__ = ["ClientDP", "require_opacus"]
@@ -48,7 +53,7 @@ def require_opacus() -> Any:
     return accountants
 
 
-class ClientDP:
+class ClientDP(ConfigObject):
     """Client-level DP for the round aggregate: clip to ``clip_norm``, add noise ``σ·clip_norm``.
 
     Args:
@@ -73,21 +78,14 @@ class ClientDP:
     ):
         self.clip_norm = check_positive("clip_norm", clip_norm)
         self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-            raise ValueError(f"Expected `delta` in (0, 1), got {delta!r}")
-        self.delta = float(delta)
+        self.delta = check_range("delta", delta, 0, 1, low_open=True)
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"Expected `accountant` to be one of {ACCOUNTANTS}, got {accountant!r}")
         self.accountant = accountant
-        if sample_rate is not None and (
-            isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1
-        ):
-            raise ValueError(f"Expected `sample_rate` in (0, 1], got {sample_rate!r}")
-        self.sample_rate = None if sample_rate is None else float(sample_rate)
+        self.sample_rate = None if sample_rate is None else check_range(
+            "sample_rate", sample_rate, 0, 1, low_open=True, high_open=False
+        )
         self.seed = None if seed is None else check_int("seed", seed)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def make_accountant(self) -> Any:
         """A fresh Opacus accountant of the configured kind."""
@@ -99,9 +97,7 @@ class ClientDP:
 
     def clip(self, updates: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """Each client's update scaled to norm ``clip_norm`` at most, and the norms before clipping."""
-        norms = update_norms(updates)
-        factor = (self.clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}, norms
+        return clip_to_norm(updates, self.clip_norm)
 
     def noise(self, like: Mapping[str, Tensor], seed: int, round_idx: int) -> dict[str, Tensor]:
         """The round's noise ``N(0, (σC)²)`` for each parameter (a pure function of seed and round)."""

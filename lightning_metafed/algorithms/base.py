@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_metafed._validation import check_int
-from lightning_metafed.aggregators import Aggregator, Mean
+from lightning_metafed.aggregators import Aggregator, Mean, finite_clients
 from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
@@ -375,11 +375,12 @@ class MetaFedModule(pl.LightningModule):
                 f"Expected `clients_per_round` >= the {world} DDP processes (each takes a share of the round's "
                 f"clients), got a round of {sampled} clients"
             )
+        download = payload_bytes(params)  # every sampled client receives the parameters
         survivors = self._apply_faults(batch)
         m = 0 if survivors is None else survivors.num_clients
         self._round_faults = {"dropped": sampled - m, "byzantine": 0, "rejected": 0}
         if survivors is None:
-            self._count_communication(sampled, 0, download=payload_bytes(params), upload=0)
+            self._count_communication(sampled, 0, download=download, upload=0)
             return None, {}
         batch = survivors
         weights = batch.weight if self.aggregator.uses_weights else None
@@ -390,7 +391,7 @@ class MetaFedModule(pl.LightningModule):
         if self._use_fast_path():
             aux = self._fast_path_backward(batch, weights, lo, hi, scale=world if split else 1)
             aggregate = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-            upload = payload_bytes(params)  # each client's upload is its gradient w.r.t. every parameter
+            upload = download  # each client's upload is its gradient w.r.t. every parameter
             if self.reject_nonfinite and not self._all_finite(aggregate):
                 # A client diverged: redo the round client by client to find and drop it.
                 for p in params.values():
@@ -409,7 +410,7 @@ class MetaFedModule(pl.LightningModule):
                 self._round_faults["clipped"] = int((norms > self.privacy.clip_norm).sum())
             else:
                 aggregate = self.aggregator(updates, weights)
-        self._count_communication(sampled, m, download=payload_bytes(params), upload=upload)
+        self._count_communication(sampled, m, download=download, upload=upload)
         if not self._all_finite(aggregate):
             name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
             raise FloatingPointError(
@@ -457,7 +458,7 @@ class MetaFedModule(pl.LightningModule):
             updates = self.faults.attack(updates, bad, self.global_step)
         if not self.reject_nonfinite:
             return updates, aux, weights
-        finite = torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
+        finite = finite_clients(updates)
         rejected = m - int(finite.sum())
         if rejected == 0:
             return updates, aux, weights

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_metafed._validation import check_int, check_positive
+from lightning_metafed._validation import ConfigObject, check_int, check_positive
 from lightning_metafed.data.seeding import generator, mix
 
 __all__ = ["Partitioner", "IID", "Dirichlet", "Shards", "QuantitySkew", "fill_empty_clients"]
@@ -45,7 +45,7 @@ def fill_empty_clients(parts: list[list[int]], min_size: int) -> list[list[int]]
     return parts
 
 
-class Partitioner:
+class Partitioner(ConfigObject):
     """Base class: ``partitioner(labels, num_clients, seed) -> list[LongTensor]``."""
 
     def __init__(self, min_size: int = 1):
@@ -59,9 +59,6 @@ class Partitioner:
 
     def split(self, labels: Tensor, num_clients: int, seed: int) -> list[Tensor]:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 class IID(Partitioner):

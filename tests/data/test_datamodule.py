@@ -47,6 +47,18 @@ def check_pairs(batch: TaskBatch) -> None:
         torch.testing.assert_close(y, expected)
 
 
+def training_parts(batch: TaskBatch):
+    """``(client id, support ids, query ids)`` of each client of a training batch, after checking
+    that targets stay paired and that support and query are disjoint examples of that client."""
+    check_pairs(batch)
+    for j, c in enumerate(batch.client_id.tolist()):
+        support = real_ids(batch.support_x, batch.support_mask, j)
+        query = real_ids(batch.query_x, batch.query_mask, j)
+        assert not set(support) & set(query)
+        assert {owner(i) for i in support + query} == {c}
+        yield c, support, query
+
+
 def eval_batches(dm, split: str) -> list[TaskBatch]:
     loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
     return list(loader)
@@ -129,15 +141,9 @@ def test_train_dataloader_without_trainer_walks_consecutive_rounds():
 def test_train_support_and_query_are_disjoint_examples_of_the_client(make):
     dm = make()
     for r in range(25):
-        batch = dm.round_batch(r)
-        check_pairs(batch)
-        for j, c in enumerate(batch.client_id.tolist()):
-            support = real_ids(batch.support_x, batch.support_mask, j)
-            query = real_ids(batch.query_x, batch.query_mask, j)
+        for _, support, query in training_parts(dm.round_batch(r)):
             assert len(support) == len(set(support)) == dm.support_size
             assert len(query) == len(set(query)) == dm.query_size
-            assert not set(support) & set(query)
-            assert {owner(i) for i in support + query} == {c}
 
 
 @pytest.mark.parametrize("make", [unseen_dm, local_dm])
@@ -398,14 +404,8 @@ def test_replacement_allows_small_clients_with_disjoint_support_and_query():
     dm = explicit([20] * 9 + [6], replacement=True)
     small_seen = 0
     for r in range(20):
-        batch = dm.round_batch(r)
-        check_pairs(batch)
-        for j, c in enumerate(batch.client_id.tolist()):
-            support = real_ids(batch.support_x, batch.support_mask, j)
-            query = real_ids(batch.query_x, batch.query_mask, j)
+        for c, support, query in training_parts(dm.round_batch(r)):
             assert len(support) == 4 and len(query) == 4
-            assert not set(support) & set(query)
-            assert {owner(i) for i in support + query} == {c}
             if c == 9:
                 small_seen += 1
                 assert len(set(support) | set(query)) <= 6
