@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_metafed.functional.updates import ClientTask
+from lightning_metafed.functional.client_task import ClientTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_metafed.algorithms.base import MetaFedModule

@@ -15,13 +15,14 @@ Robust aggregators bound what a minority of bad clients can do to a round:
 - :class:`NormBoundedMean`: scale each client's whole update down to norm ``max_norm`` at most, then
   average (Sun et al., 2019, "Can You Really Backdoor Federated Learning?"); bounds each client's
   influence to ``max_norm / m`` but does not remove it.
-
 - :class:`Bucketing`: average groups of ``bucket_size`` clients, then apply a robust rule to the
   group means (Karimireddy, He & Jaggi, 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
   via Bucketing"): the robust rule sees less client-to-client variance, which is what makes plain
   coordinate-wise rules lose accuracy on heterogeneous (non-IID) clients.
 
-The module rejects non-finite uploads before any aggregator sees them.
+The math of every rule is a pure function in :mod:`lightning_metafed.functional.aggregate`; these
+classes are the configurable (LightningCLI / checkpoint) wrappers around it. The module rejects
+non-finite uploads before any aggregator sees them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ from lightning_metafed._validation import (
     check_positive,
     check_range,
 )
-from lightning_metafed.functional.aggregate import weighted_mean
+from lightning_metafed.functional.aggregate import (
+    bucket_means,
+    clip_to_norm,
+    coordinate_median,
+    finite_clients,
+    norm_bounded_mean,
+    trimmed_mean,
+    update_norms,
+    weighted_mean,
+)
 
 __all__ = [
     "Aggregator", "Mean", "CoordinateMedian", "TrimmedMean", "NormBoundedMean", "Bucketing",
@@ -58,93 +68,68 @@ class Aggregator(ConfigObject):
 
 
 class Mean(Aggregator):
-    """Mean of the client updates, weighted by the TaskBatch's ``weight`` when ``weighted=True``."""
+    """Mean of the client updates, weighted by the TaskBatch's ``weight`` when ``weighted=True``
+    (:func:`~lightning_metafed.functional.aggregate.weighted_mean`)."""
 
     is_mean = True
 
-    def __init__(self, weighted: bool = True):
+    def __init__(self, weighted: bool = True) -> None:
         self.weighted = bool(weighted)
         self.uses_weights = self.weighted
 
-    def __call__(self, updates, weights=None):
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         return weighted_mean(updates, weights if self.weighted else None)
 
 
-def update_norms(updates: Mapping[str, Tensor]) -> Tensor:
-    """Each client's update norm over all parameters together: ``[m]``."""
-    return torch.sqrt(sum((u.flatten(1).double() ** 2).sum(1) for u in updates.values())).to(next(iter(updates.values())).dtype)
-
-
-def clip_to_norm(updates: Mapping[str, Tensor], max_norm: float) -> tuple[dict[str, Tensor], Tensor]:
-    """Each client's update scaled down to norm ``max_norm`` at most (all parameters together), and
-    the norms before clipping."""
-    norms = update_norms(updates)
-    factor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    return {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}, norms
-
-
-def finite_clients(updates: Mapping[str, Tensor]) -> Tensor:
-    """``[m]`` bool: which clients' uploads hold no NaN/inf in any parameter."""
-    return torch.stack([torch.isfinite(u.flatten(1)).all(1) for u in updates.values()]).all(0)
-
-
 class CoordinateMedian(Aggregator):
-    """Coordinate-wise median of the client updates (unweighted).
+    """Coordinate-wise median of the client updates (unweighted;
+    :func:`~lightning_metafed.functional.aggregate.coordinate_median`).
 
     With an even number of clients it is the mean of the two middle values (so two clients give
     their mean, not the lower one as ``torch.median`` would).
     """
 
-    def __call__(self, updates, weights=None):
-        out = {}
-        for name, u in updates.items():
-            s = torch.sort(u, dim=0).values
-            m = s.shape[0]
-            out[name] = (s[(m - 1) // 2] + s[m // 2]) / 2
-        return out
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return coordinate_median(updates)
 
 
 class TrimmedMean(Aggregator):
     """Coordinate-wise ``trim``-trimmed mean (unweighted): per coordinate, the ``⌊trim·m⌋``
-    largest and ``⌊trim·m⌋`` smallest client values are dropped and the rest averaged.
+    largest and ``⌊trim·m⌋`` smallest client values are dropped and the rest averaged
+    (:func:`~lightning_metafed.functional.aggregate.trimmed_mean`).
 
     Args:
         trim: fraction trimmed from *each* end, in ``[0, 0.5)``; ``0`` is the plain mean. When
             ``⌊trim·m⌋`` would leave no value (tiny rounds) the median is used instead.
     """
 
-    def __init__(self, trim: float = 0.1):
+    def __init__(self, trim: float = 0.1) -> None:
         self.trim = check_range("trim", trim, 0, 0.5)
 
-    def __call__(self, updates, weights=None):
-        out = {}
-        for name, u in updates.items():
-            m = u.shape[0]
-            k = int(self.trim * m + 1e-9)  # ⌊trim·m⌋, robust to 0.29 * 100 = 28.999...
-            if m - 2 * k < 1:
-                return CoordinateMedian()(updates)
-            out[name] = torch.sort(u, dim=0).values[k : m - k].mean(0)
-        return out
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return trimmed_mean(updates, self.trim)
 
 
 class NormBoundedMean(Aggregator):
-    """Mean of the client updates after scaling each down to norm ``max_norm`` at most.
+    """Mean of the client updates after scaling each down to norm ``max_norm`` at most
+    (:func:`~lightning_metafed.functional.aggregate.norm_bounded_mean`).
 
     The norm is taken over all parameters of a client's update together. ``weighted=True`` weights
     the mean by the TaskBatch's ``weight``.
     """
 
-    def __init__(self, max_norm: float = 1.0, weighted: bool = True):
+    def __init__(self, max_norm: float = 1.0, weighted: bool = True) -> None:
         self.max_norm = check_positive("max_norm", max_norm)
         self.weighted = bool(weighted)
         self.uses_weights = self.weighted
 
-    def __call__(self, updates, weights=None):
-        return weighted_mean(clip_to_norm(updates, self.max_norm)[0], weights if self.weighted else None)
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return norm_bounded_mean(updates, self.max_norm, weights if self.weighted else None)
 
 
 class Bucketing(Aggregator):
-    """``aggregator`` applied to the means of consecutive groups of ``bucket_size`` clients.
+    """``aggregator`` applied to the means of consecutive groups of ``bucket_size`` clients
+    (:func:`~lightning_metafed.functional.aggregate.bucket_means`).
 
     The datamodule samples a round's clients in random order, so consecutive groups are random
     buckets. The last bucket may be smaller. A bucket holding one Byzantine client is Byzantine:
@@ -156,18 +141,14 @@ class Bucketing(Aggregator):
         bucket_size: clients per bucket (``1`` is ``aggregator`` itself).
     """
 
-    def __init__(self, aggregator: Aggregator, bucket_size: int = 2):
+    def __init__(self, aggregator: Aggregator, bucket_size: int = 2) -> None:
         if not isinstance(aggregator, Aggregator):
             raise ValueError(f"Expected `aggregator` to be an Aggregator, got {type(aggregator).__name__}")
         self.aggregator = aggregator
         self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
 
-    def __call__(self, updates, weights=None):
-        means = {}
-        for name, u in updates.items():
-            buckets = torch.split(u, self.bucket_size, dim=0)
-            means[name] = torch.stack([b.mean(0) for b in buckets])
-        return self.aggregator(means)
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return self.aggregator(bucket_means(updates, self.bucket_size))
 
 
 # Checkpoints store the aggregator in their hyperparameters; allow torch.load(weights_only=True) to read it.

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_metafed.algorithms.base import MetaFedModule
 from lightning_metafed.checkpoint import AtomicCheckpointIO
@@ -68,8 +69,8 @@ class MetaFedCLI(LightningCLI):
             has_best = bool(getattr(trainer.checkpoint_callback, "best_model_path", ""))
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
         log_dir = trainer.log_dir  # on every process: it is a collective under DDP
-        if log_dir is not None and trainer.is_global_zero:
-            print(f"Logs and checkpoints: {log_dir}  (view with: tensorboard --logdir {log_dir})")
+        if log_dir is not None:
+            rank_zero_info(f"Logs and checkpoints: {log_dir}  (view with: tensorboard --logdir {log_dir})")
 
 
 def build_cli(args: Any = None, run: bool = True) -> MetaFedCLI:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_metafed.aggregators import finite_clients
+from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.datamodule import stack_tasks
+from lightning_metafed.round import Aggregation, RoundCounts, Uploads, UploadScreen, server_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import RecordDict
@@ -37,6 +38,7 @@ __all__ = [
     "client_train",
     "client_evaluate",
     "server_update",
+    "replies_to_uploads",
     "simulate",
 ]
 
@@ -120,34 +122,42 @@ def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: 
     return app.RecordDict({"metrics": app.MetricRecord(metrics)})
 
 
-def server_update(model: MetaFedModule, optimizer: torch.optim.Optimizer, replies: Sequence[RecordDict]) -> dict[str, float]:
-    """Aggregate the clients' updates (in partition order) with the module's aggregator and take
-    a server-optimizer step; returns the mean of the clients' metrics.
+def replies_to_uploads(replies: Sequence[RecordDict]) -> tuple[Uploads, list[RecordDict]]:
+    """The clients' updates (in partition order) as the round's :class:`~lightning_metafed.round.Uploads`."""
+    replies = sorted(replies, key=lambda r: int(r["metrics"]["partition"]))
+    states = [r["arrays"].to_torch_state_dict() for r in replies]
+    updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
+    weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
+    partitions = [int(r["metrics"]["partition"]) for r in replies]
+    upload = payload_bytes({k: u[0] for k, u in updates.items()})
+    return Uploads(updates, {}, weights, partitions, upload), replies
 
-    Non-finite updates are dropped first (``reject_nonfinite``). The module's simulated ``faults``
-    do not apply (a deployment has real ones), and ``privacy`` is refused: this server step adds
-    no noise, so it would not give the guarantee the config asks for.
+
+def server_update(
+    model: MetaFedModule, optimizer: torch.optim.Optimizer, replies: Sequence[RecordDict], round_idx: int = 0
+) -> dict[str, float]:
+    """Aggregate the clients' updates (in partition order) with the module's aggregator and take
+    a server-optimizer step; returns the mean of the accepted clients' metrics.
+
+    The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
+    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest and
+    :func:`~lightning_metafed.round.server_step` applies them. The module's simulated ``faults`` do
+    not apply (a deployment has real ones), and ``privacy`` is refused: this server step adds no
+    noise, so it would not give the guarantee the config asks for.
     """
     if model.privacy is not None:
         raise ValueError(
             f"`privacy` ({model.privacy!r}) is applied by the Lightning round only; the Flower server step adds no "
             "noise. Remove it from the config for a Flower deployment."
         )
-    replies = sorted(replies, key=lambda r: int(r["metrics"]["partition"]))
-    states = [r["arrays"].to_torch_state_dict() for r in replies]
-    updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-    weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
-    if model.reject_nonfinite:
-        finite = finite_clients(updates)
-        if not finite.any():
-            raise FloatingPointError(f"Every one of the {len(replies)} client updates holds NaN/inf")
-        updates, weights = {k: u[finite] for k, u in updates.items()}, weights[finite]
-        replies = [r for r, ok in zip(replies, finite.tolist()) if ok]  # their metrics are left out too
-    aggregate = model.aggregator(updates, weights if model.aggregator.uses_weights else None)
-    optimizer.zero_grad()
-    for name, p in model.named_parameters():
-        p.grad = aggregate[name].to(p.dtype)
-    optimizer.step()
+    uploads, replies = replies_to_uploads(replies)
+    counts = RoundCounts(sampled=len(replies), survivors=len(replies))
+    screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
+    uploads, counts = screen(uploads, round_idx, counts)
+    aggregate, counts = Aggregation(model.aggregator)(uploads, round_idx, counts)
+    server_step(optimizer, dict(model.named_parameters()), aggregate)
+    accepted = set(uploads.client_id)
+    replies = [r for r in replies if int(r["metrics"]["partition"]) in accepted]  # rejected clients' metrics are left out
     keys = [k for k in replies[0]["metrics"] if k not in ("partition", "weight")]
     return {k: sum(float(r["metrics"][k]) for r in replies) / len(replies) for k in keys}
 
@@ -167,7 +177,7 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
         down = server_message(server_model, r)
         replies = [client_train(client_model, client_data, p, down) for p in partitions]
         messages += [down, *replies]
-        history.append(server_update(server_model, optimizer, replies))
+        history.append(server_update(server_model, optimizer, replies, r))
     down = server_message(server_model, rounds)
     evaluations = [client_evaluate(client_model, client_data, p, down) for p in partitions]
     messages += [down, *evaluations]

@@ -74,10 +74,12 @@ class SGD(InnerOptimizer):
         self.nesterov = bool(nesterov)
         self.weight_decay = _check_weight_decay(weight_decay)
 
-    def init(self, params):
+    def init(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
         return F.sgd_init(params, self.momentum)
 
-    def step(self, params, grads, state, lr=None):
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any], lr: F.LearningRate | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return F.sgd_step(
             params,
             grads,
@@ -88,7 +90,7 @@ class SGD(InnerOptimizer):
             weight_decay=self.weight_decay,
         )
 
-    def torch_optimizer(self, params):
+    def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             list(params), lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay
         )
@@ -113,10 +115,12 @@ class Adam(InnerOptimizer):
         self.eps = float(eps)
         self.weight_decay = _check_weight_decay(weight_decay)
 
-    def init(self, params):
+    def init(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
         return F.adam_init(params)
 
-    def step(self, params, grads, state, lr=None):
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any], lr: F.LearningRate | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return F.adam_step(
             params,
             grads,
@@ -127,7 +131,7 @@ class Adam(InnerOptimizer):
             weight_decay=self.weight_decay,
         )
 
-    def torch_optimizer(self, params):
+    def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(params), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
 
@@ -159,7 +163,7 @@ class TorchOptimizer(InnerOptimizer):
             )
         return cls
 
-    def torch_optimizer(self, params):
+    def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
         return self.optimizer_class()(list(params), lr=self.lr, **self.kwargs)
 
 

@@ -7,10 +7,11 @@ result is divided by the number of *sampled* clients ``m`` (a data-independent d
     aggregate = (Σ_i Δ_i · min(1, C / ‖Δ_i‖) + N(0, σ²C²)) / m
 
 (McMahan, Ramage, Talwar & Zhang, 2018, "Learning Differentially Private Recurrent Language
-Models"). Adding or removing one client changes the clipped sum by at most ``C``, so each round is
-the sampled Gaussian mechanism with noise multiplier ``σ`` and sampling rate ``q = m / N``
-(``N`` train clients). The privacy loss ``(ε, δ)`` over the rounds so far comes from Opacus's
-accountants (RDP or PRV), not from code of ours.
+Models"; the formula is :func:`lightning_metafed.functional.aggregate.noisy_clipped_mean`, this
+module draws the noise and accounts for it). Adding or removing one client changes the clipped sum
+by at most ``C``, so each round is the sampled Gaussian mechanism with noise multiplier ``σ`` and
+sampling rate ``q = m / N`` (``N`` train clients). The privacy loss ``(ε, δ)`` over the rounds so
+far comes from Opacus's accountants (RDP or PRV), not from code of ours.
 
 What this does **not** give: record-level privacy inside a client (the unit is the whole client);
 protection against a server that skips the noise; a cryptographically secure noise source (noise
@@ -34,8 +35,8 @@ from lightning_metafed._validation import (
     check_positive,
     check_range,
 )
-from lightning_metafed.aggregators import clip_to_norm
 from lightning_metafed.data.seeding import PRIVACY, generator
+from lightning_metafed.functional.aggregate import clip_to_norm, noisy_clipped_mean
 
 __all__ = ["ClientDP", "require_opacus"]
 
@@ -99,22 +100,24 @@ class ClientDP(ConfigObject):
         """Each client's update scaled to norm ``clip_norm`` at most, and the norms before clipping."""
         return clip_to_norm(updates, self.clip_norm)
 
-    def noise(self, like: Mapping[str, Tensor], seed: int, round_idx: int) -> dict[str, Tensor]:
-        """The round's noise ``N(0, (σC)²)`` for each parameter (a pure function of seed and round)."""
+    def _draw_noise(self, shapes: Mapping[str, torch.Size], seed: int, round_idx: int) -> dict[str, Tensor]:
+        """Float64 CPU draws of ``N(0, (σC)²)`` per parameter of the given shapes, in sorted-name order
+        from the generator of ``(seed, PRIVACY, round_idx)``."""
         gen = generator(seed, PRIVACY, round_idx)
         std = self.noise_multiplier * self.clip_norm
-        return {
-            k: (std * torch.randn(like[k].shape, generator=gen, dtype=torch.float64)).to(like[k].device, like[k].dtype)
-            for k in sorted(like)
-        }
+        return {k: std * torch.randn(shapes[k], generator=gen, dtype=torch.float64) for k in sorted(shapes)}
+
+    def noise(self, like: Mapping[str, Tensor], seed: int, round_idx: int) -> dict[str, Tensor]:
+        """The round's noise ``N(0, (σC)²)`` for each parameter (a pure function of seed and round)."""
+        drawn = self._draw_noise({k: v.shape for k, v in like.items()}, seed, round_idx)
+        return {k: z.to(like[k].device, like[k].dtype) for k, z in drawn.items()}
 
     def aggregate(
         self, updates: Mapping[str, Tensor], sampled: int, seed: int, round_idx: int
     ) -> tuple[dict[str, Tensor], Tensor]:
         """``(Σ clip(Δ_i) + noise) / sampled`` and the clients' pre-clipping norms."""
-        clipped, norms = self.clip(updates)
-        noise = self.noise({k: u[0] for k, u in clipped.items()}, seed, round_idx)
-        return {k: (u.sum(0) + noise[k]) / sampled for k, u in clipped.items()}, norms
+        noise = self._draw_noise({k: u.shape[1:] for k, u in updates.items()}, seed, round_idx)
+        return noisy_clipped_mean(updates, self.clip_norm, noise, sampled)
 
 
 torch.serialization.add_safe_globals([ClientDP])

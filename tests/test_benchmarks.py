@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ("evaluation.py", ["--clients", "24", "--steps", "2"], "speed-up"),
         ("trainer_overhead.py", ["--rounds", "4", "--clients", "4"], "ratio"),
         ("robustness.py", ["--rounds", "2", "--seeds", "1"], "trimmed_mean(0.3)"),
+        ("data_speed.py", ["--clients", "10000", "--repeats", "1"], "ratio"),
     ],
 )
 def test_benchmark_script_runs(script, args, expect):

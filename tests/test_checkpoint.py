@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -46,11 +46,9 @@ def test_save_failing_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert os.listdir(tmp_path) == ["last.ckpt"]  # the temp file was removed
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_trainer_checkpoints_through_the_plugin_all_load(tmp_path):
-    trainer = pl.Trainer(
-        max_steps=6, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, plugins=[AtomicCheckpointIO()],
+    trainer = quiet_trainer(
+        max_steps=6, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, save_last=True)],
     )
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = _wait_for_nodes(grid, int(cfg["num-nodes"]))
     for r in range(int(cfg["rounds"])):
         replies = _exchange(grid, nodes, server_message(model, r), MessageType.TRAIN)
-        metrics = server_update(model, optimizer, replies)
+        metrics = server_update(model, optimizer, replies, r)
         print(f"round {r}: {len(replies)} updates aggregated; " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     evaluations = _exchange(grid, nodes, server_message(model, int(cfg["rounds"])), MessageType.EVALUATE)
     keys = [k for k in evaluations[0]["metrics"] if k not in ("partition", "n_query")]

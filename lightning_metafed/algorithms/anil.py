@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_metafed.algorithms.maml import MAML
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.updates import anil_update
 
 __all__ = ["ANIL", "default_head"]
 
@@ -25,7 +28,8 @@ def default_head(net: nn.Module) -> list[str]:
 
 
 class ANIL(MAML):
-    """MAML whose inner loop adapts only the head (``anil_update``); the body is meta-learned.
+    """MAML whose inner loop adapts only the head (:func:`~lightning_metafed.functional.anil_update`);
+    the body is meta-learned.
 
     ``adapt_params=None`` selects the parameters of the net's last parameterized submodule (e.g.
     the final ``nn.Linear``); pass patterns such as ``["classifier.*"]`` to choose otherwise. Every
@@ -37,3 +41,14 @@ class ANIL(MAML):
         if adapt_params is None:
             self.adapt_names = default_head(self.net)
             rank_zero_info(f"ANIL adapts the head parameters {self.adapt_names}")
+
+    def functional_update(self, params: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
+        return anil_update(
+            self.functional_loss,
+            params,
+            task,
+            head_names=self.adapt_names,
+            optimizer=self.inner_optimizer,
+            inner_steps=self.inner_steps,
+            first_order=self.first_order,
+        )

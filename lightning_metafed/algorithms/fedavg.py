@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.algorithms.base import MetaFedModule
-from lightning_metafed.functional.updates import ClientTask, fedavg_update
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.updates import fedavg_update
 
 __all__ = ["FedAvg"]
 
@@ -28,8 +29,9 @@ class FedAvg(MetaFedModule):
         local_epochs: passes over the local data per round.
         local_batch_size: mini-batch size of local training (``None``: full batch).
         use_query: local data is support and query (``True``) or the support set only.
+        inner_steps: not used by FedAvg (training is by local epochs); a value other than ``None``/``0`` is rejected.
 
-    Every other argument is :class:`~lightning_metafed.MetaFedModule`'s (``inner_steps`` is unused).
+    Every other argument is :class:`~lightning_metafed.MetaFedModule`'s.
     """
 
     def __init__(
@@ -39,9 +41,14 @@ class FedAvg(MetaFedModule):
         local_batch_size: int | None = None,
         eval_inner_steps: int = 1,
         use_query: bool = True,
+        inner_steps: int | None = None,
         **kwargs: Any,
     ):
-        kwargs.pop("inner_steps", None)  # FedAvg trains by local epochs; inner steps only fine-tune at evaluation
+        if inner_steps not in (None, 0):  # 0 is what FedAvg runs (and what its older checkpoints record)
+            raise ValueError(
+                f"FedAvg trains by `local_epochs` and `local_batch_size` and fine-tunes with `eval_inner_steps`; "
+                f"`inner_steps` is not used: expected it unset (None or 0), got {inner_steps!r}"
+            )
         super().__init__(net=net, inner_steps=0, eval_inner_steps=eval_inner_steps, **kwargs)
         check_int("local_epochs", local_epochs, minimum=1)
         if local_batch_size is not None:
@@ -53,7 +60,7 @@ class FedAvg(MetaFedModule):
     def local_step_bound(self) -> tuple[str, int] | None:
         return None  # a step budget caps the local mini-batch steps
 
-    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         update, aux = fedavg_update(
             self.functional_loss,
             self.net_params(meta),

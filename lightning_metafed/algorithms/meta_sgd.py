@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metafed.algorithms.maml import MAML
-from lightning_metafed.functional.updates import ClientTask, meta_sgd_update
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.updates import meta_sgd_update
 
 __all__ = ["MetaSGD"]
 
@@ -64,7 +65,7 @@ class MetaSGD(MAML):
     def inner_lr(self, meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {n: meta[LR_PREFIX + lr_key(n)] for n in self._lr_names}
 
-    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         (grad_params, grad_lrs), aux = meta_sgd_update(
             self.functional_loss,
             self.net_params(meta),

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.algorithms.base import MetaFedModule
-from lightning_metafed.functional.updates import ClientTask, per_fedavg_update
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.updates import per_fedavg_update
 from lightning_metafed.inner import SGD
 
 __all__ = ["PerFedAvg"]
@@ -69,7 +70,7 @@ class PerFedAvg(MetaFedModule):
     def local_step_bound(self) -> tuple[str, int] | None:
         return "local_steps", self.local_steps
 
-    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         if self.variant == "hf" and self.hessian_batch == "query_split" and task.query_x.shape[0] < 2:
             raise ValueError(
                 "Per-FedAvg HF with hessian_batch='query_split' needs at least 2 query examples per client, "

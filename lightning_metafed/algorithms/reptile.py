@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_metafed.algorithms.base import MetaFedModule
-from lightning_metafed.functional.updates import ClientTask, reptile_update
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.updates import reptile_update
 
 __all__ = ["Reptile"]
 
@@ -30,7 +31,7 @@ class Reptile(MetaFedModule):
         super().__init__(net=net, inner_steps=inner_steps, **kwargs)
         self.use_query = bool(use_query)
 
-    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         update, aux = reptile_update(
             self.functional_loss,
             self.net_params(meta),

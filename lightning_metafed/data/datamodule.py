@@ -22,14 +22,13 @@ sizes with masks (``TaskBatch.support_mask``/``query_mask``).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.data.population import (
@@ -46,103 +45,15 @@ from lightning_metafed.data.seeding import (
     generator,
     python_rng,
 )
-from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.data.loaders import EvalBatches, Rounds
+from lightning_metafed.data.sizes import Size, check_fractions, check_size, resolve_size
+from lightning_metafed.data.task_batch import TaskBatch, stack_tasks
 
 __all__ = ["FederatedDataModule", "stack_tasks"]
 
-Size = int | float
 SPLITS = ("train", "val", "test")
 #: Populations larger than this are validated lazily, client by client, instead of up front.
 EAGER_CHECK_LIMIT = 100_000
-
-
-def _check_size(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool):
-        raise ValueError(f"Expected `{name}` to be an int >= 1 or a fraction in (0, 1), got {value!r}")
-    if isinstance(value, int) and value >= 1:
-        return
-    if isinstance(value, float) and 0.0 < value < 1.0:
-        return
-    raise ValueError(f"Expected `{name}` to be an int >= 1 or a fraction in (0, 1), got {value!r}")
-
-
-def _check_fractions(name: str, value: Any) -> tuple[float, float, float]:
-    try:
-        fractions = tuple(float(v) for v in value)
-    except TypeError:
-        fractions = ()
-    if len(fractions) != 3 or any(not (f >= 0) for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
-        raise ValueError(
-            f"Expected `{name}` to be three fractions (train, val, test) >= 0 summing to 1 with train > 0, got {value!r}"
-        )
-    return fractions  # type: ignore[return-value]
-
-
-def _resolve(value: Size, n: int) -> int:
-    return value if isinstance(value, int) else max(1, int(round(value * n)))
-
-
-def stack_tasks(
-    tasks: list[tuple[Tensor, Tensor, Tensor, Tensor]], weights: list[float], ids: list[int]
-) -> TaskBatch:
-    """Stack per-client ``(support_x, support_y, query_x, query_y)`` into a TaskBatch, padding
-    clients of different sizes to the largest and marking real examples in the masks."""
-
-    def pad(tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
-        longest = max(t.shape[0] for t in tensors)
-        if all(t.shape[0] == longest for t in tensors):
-            return torch.stack(tensors), None
-        out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
-        mask = torch.zeros(len(tensors), longest)
-        for i, t in enumerate(tensors):
-            out[i, : t.shape[0]] = t
-            mask[i, : t.shape[0]] = 1.0
-        return out, mask
-
-    sx, s_mask = pad([t[0] for t in tasks])
-    sy, _ = pad([t[1] for t in tasks])
-    qx, q_mask = pad([t[2] for t in tasks])
-    qy, _ = pad([t[3] for t in tasks])
-    return TaskBatch(
-        sx, sy, qx, qy, torch.tensor(weights, dtype=torch.float32), torch.tensor(ids, dtype=torch.long), s_mask, q_mask
-    )
-
-
-class _Rounds(IterableDataset):
-    """One TaskBatch per round, from the trainer's next round to the end of the current epoch."""
-
-    def __init__(self, datamodule: FederatedDataModule):
-        self.dm = datamodule
-        self.iterations = 0
-
-    def __len__(self) -> int:
-        return self.dm.rounds_per_epoch
-
-    def __iter__(self):
-        R = self.dm.rounds_per_epoch
-        trainer = self.dm.trainer
-        start = trainer.global_step if trainer is not None else self.iterations * R
-        self.iterations += 1
-        for r in range(start, (start // R + 1) * R):
-            yield self.dm.round_batch(r)
-
-
-class _EvalBatches(Dataset):
-    def __init__(self, datamodule: FederatedDataModule, split: str):
-        self.dm = datamodule
-        self.split = split
-        self.n = len(datamodule.population(split))
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.dm.eval_clients_per_batch)
-
-    def __getitem__(self, k: int) -> TaskBatch:
-        if not 0 <= k < len(self):
-            raise IndexError(k)
-        B = self.dm.eval_clients_per_batch
-        return self.dm.eval_batch(self.split, range(k * B, min((k + 1) * B, self.n)))
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -190,9 +101,9 @@ class FederatedDataModule(pl.LightningDataModule):
         # Arguments that hold data or datasets are not hyperparameters (nor safe to pickle into checkpoints).
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         check_int("clients_per_round", clients_per_round, minimum=1)
-        _check_size("support_size", support_size)
-        _check_size("query_size", query_size)
-        _check_size("eval_support_size", eval_support_size, allow_none=True)
+        check_size("support_size", support_size)
+        check_size("query_size", query_size)
+        check_size("eval_support_size", eval_support_size, allow_none=True)
         if protocol not in ("unseen", "local"):
             raise ValueError(f"Expected `protocol` to be 'unseen' or 'local', got {protocol!r}")
         if client_sampling not in ("uniform", "size"):
@@ -204,8 +115,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.support_size = support_size
         self.query_size = query_size
         self.protocol = protocol
-        self.client_split = _check_fractions("client_split", client_split)
-        self.local_split = _check_fractions("local_split", local_split)
+        self.client_split = check_fractions("client_split", client_split)
+        self.local_split = check_fractions("local_split", local_split)
         self.eval_support_size = support_size if eval_support_size is None else eval_support_size
         self.client_sampling = client_sampling
         self.rounds_per_epoch = rounds_per_epoch
@@ -289,12 +200,12 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(_Rounds(self), batch_size=None)
+        return DataLoader(Rounds(self), batch_size=None)
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         if len(self.population(split)) == 0:
             return []
-        return DataLoader(_EvalBatches(self, split), batch_size=None)
+        return DataLoader(EvalBatches(self, split), batch_size=None)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val")
@@ -340,14 +251,14 @@ class FederatedDataModule(pl.LightningDataModule):
         """``(S, Q)`` of a train client with ``n`` examples (support part ``[:end]`` if fixed);
         without ``replacement``, a ``ValueError`` naming the client when it is too small."""
         if end is None:
-            S, Q = _resolve(self.support_size, n), _resolve(self.query_size, n)
+            S, Q = resolve_size(self.support_size, n), resolve_size(self.query_size, n)
             if S + Q > n and not self.replacement:
                 raise ValueError(
                     f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
                     f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
                 )
             return S, Q
-        S, Q = _resolve(self.support_size, end), _resolve(self.query_size, n - end)
+        S, Q = resolve_size(self.support_size, end), resolve_size(self.query_size, n - end)
         if (S > end or Q > n - end) and not self.replacement:
             raise ValueError(
                 f"Expected `support_size` <= {end} and `query_size` <= {n - end} for client {name!r} "
@@ -399,7 +310,7 @@ class FederatedDataModule(pl.LightningDataModule):
         if data.support_end is not None:
             s_idx, q_idx = torch.arange(data.support_end), torch.arange(data.support_end, n)
         else:
-            S = _resolve(self.eval_support_size, n)
+            S = resolve_size(self.eval_support_size, n)
             perm = torch.randperm(n, generator=generator(self.seed, EVAL, population.global_id(i)))
             s_idx, q_idx = perm[:S], perm[S:]
         return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
@@ -413,7 +324,7 @@ class FederatedDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------ validation
 
-    def _client_sizes(self, population: Population):
+    def _client_sizes(self, population: Population) -> list[tuple[int, int, int | None]]:
         if population.uniform is not None:
             return [(0, *population.uniform)] if len(population) else []
         if len(population) > EAGER_CHECK_LIMIT:
@@ -431,7 +342,7 @@ class FederatedDataModule(pl.LightningDataModule):
         for i, n, end in self._client_sizes(population):
             name = population.name(i)
             if end is None:
-                S = _resolve(self.eval_support_size, n)
+                S = resolve_size(self.eval_support_size, n)
                 if S >= n:
                     raise ValueError(
                         f"Expected `eval_support_size` < {n} for held-out client {name!r} (it has {n} examples "

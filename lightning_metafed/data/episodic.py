@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from lightning_metafed._validation import check_int
-from lightning_metafed.data.datamodule import FederatedDataModule, _check_fractions
+from lightning_metafed.data.datamodule import FederatedDataModule
+from lightning_metafed.data.sizes import check_fractions
 from lightning_metafed.data.dataset import dataset_labels
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
 from lightning_metafed.data.seeding import POPULATION, generator
@@ -60,7 +62,7 @@ class EpisodicClients(FederatedDataModule):
         super().__init__(support_size=ways * shots, query_size=ways * queries, **kwargs)
         self.dataset = dataset
         self.ways, self.shots, self.queries = ways, shots, queries
-        self.class_split = _check_fractions("class_split", class_split)
+        self.class_split = check_fractions("class_split", class_split)
         self.num_train_clients, self.num_eval_clients = num_train_clients, num_eval_clients
         self.num_classes = ways
 
@@ -100,7 +102,7 @@ class EpisodicClients(FederatedDataModule):
             for split_id, split in enumerate(pools)
         }
 
-    def _episode_maker(self, split_id: int, pool: list[int], per_class: dict[int, torch.Tensor]):
+    def _episode_maker(self, split_id: int, pool: list[int], per_class: dict[int, torch.Tensor]) -> Callable[[int], ClientData]:
         def make(k: int) -> ClientData:
             g = generator(self.seed, POPULATION, split_id, k)
             chosen = [pool[j] for j in torch.randperm(len(pool), generator=g)[: self.ways].tolist()]

@@ -64,7 +64,7 @@ class Partitioner(ConfigObject):
 class IID(Partitioner):
     """A uniformly random split into clients of (almost) equal size."""
 
-    def split(self, labels, num_clients, seed):
+    def split(self, labels: Tensor, num_clients: int, seed: int) -> list[Tensor]:
         perm = torch.randperm(labels.numel(), generator=generator(seed, 101))
         return list(perm.tensor_split(num_clients))
 
@@ -81,7 +81,7 @@ class Dirichlet(Partitioner):
         super().__init__(min_size)
         self.alpha = check_positive("alpha", alpha)
 
-    def split(self, labels, num_clients, seed):
+    def split(self, labels: Tensor, num_clients: int, seed: int) -> list[Tensor]:
         g = generator(seed, 102)
         parts: list[list[Tensor]] = [[] for _ in range(num_clients)]
         for c in torch.unique(labels).tolist():
@@ -125,7 +125,7 @@ class Shards(Partitioner):
         super().__init__(min_size)
         self.classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1)
 
-    def __call__(self, labels, num_clients, seed=0):
+    def __call__(self, labels: Tensor, num_clients: int, seed: int = 0) -> list[Tensor]:
         labels = _check_common(labels, num_clients, self.min_size)
         classes = torch.unique(labels)
         k = self.classes_per_client
@@ -169,7 +169,7 @@ class QuantitySkew(Partitioner):
         super().__init__(min_size)
         self.alpha = check_positive("alpha", alpha)
 
-    def split(self, labels, num_clients, seed):
+    def split(self, labels: Tensor, num_clients: int, seed: int) -> list[Tensor]:
         g = generator(seed, 104)
         n = labels.numel()
         spare = n - num_clients * self.min_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -25,7 +27,7 @@ def check_partitioner(partitioner: Partitioner | None) -> Partitioner:
 class PartitionedPopulation(Population):
     """Clients holding the example ``parts[i]`` of a dataset; ``load(indices) -> (x, y)``."""
 
-    def __init__(self, parts: list[Tensor], load):
+    def __init__(self, parts: list[Tensor], load: Callable[[Tensor], tuple[Tensor, Tensor]]):
         self.parts = parts
         self.load = load
 

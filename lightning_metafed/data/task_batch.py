@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_metafed.functional.updates import ClientTask
+from lightning_metafed.functional.client_task import ClientTask
 
-__all__ = ["TaskBatch"]
+__all__ = ["TaskBatch", "stack_tasks"]
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TaskBatch:
             self.support_x, self.support_y, self.query_x, self.query_y, self.support_mask, self.query_mask, self.num_steps
         )
 
-    def map_tensors(self, fn) -> TaskBatch:
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> TaskBatch:
         """A new batch with ``fn`` applied to every tensor field."""
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **changes)
@@ -161,3 +161,29 @@ class TaskBatch:
             cat("query_mask"),
             cat("num_steps"),
         )
+
+
+def stack_tasks(
+    tasks: list[tuple[Tensor, Tensor, Tensor, Tensor]], weights: list[float], ids: list[int]
+) -> TaskBatch:
+    """Stack per-client ``(support_x, support_y, query_x, query_y)`` into a TaskBatch, padding
+    clients of different sizes to the largest and marking real examples in the masks."""
+
+    def pad(tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        longest = max(t.shape[0] for t in tensors)
+        if all(t.shape[0] == longest for t in tensors):
+            return torch.stack(tensors), None
+        out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
+        mask = torch.zeros(len(tensors), longest)
+        for i, t in enumerate(tensors):
+            out[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = 1.0
+        return out, mask
+
+    sx, s_mask = pad([t[0] for t in tasks])
+    sy, _ = pad([t[1] for t in tasks])
+    qx, q_mask = pad([t[2] for t in tasks])
+    qy, _ = pad([t[3] for t in tasks])
+    return TaskBatch(
+        sx, sy, qx, qy, torch.tensor(weights, dtype=torch.float32), torch.tensor(ids, dtype=torch.long), s_mask, q_mask
+    )

@@ -1,7 +1,18 @@
 """Pure-torch core: inner optimizers, adaptation, client-update rules and aggregation (no Lightning)."""
 
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
-from lightning_metafed.functional.aggregate import normalize_weights, weighted_mean
+from lightning_metafed.functional.aggregate import (
+    bucket_means,
+    clip_to_norm,
+    coordinate_median,
+    finite_clients,
+    noisy_clipped_mean,
+    norm_bounded_mean,
+    normalize_weights,
+    trimmed_mean,
+    update_norms,
+    weighted_mean,
+)
 from lightning_metafed.functional.inner import adam_init, adam_step, sgd_init, sgd_step
 from lightning_metafed.functional.losses import (
     accuracy,
@@ -28,8 +39,12 @@ __all__ = [
     "adam_step",
     "adapt",
     "anil_update",
+    "bucket_means",
+    "clip_to_norm",
+    "coordinate_median",
     "cross_entropy_loss",
     "fedavg_update",
+    "finite_clients",
     "hvp",
     "iterate_adaptation",
     "maml_objective",
@@ -37,11 +52,15 @@ __all__ = [
     "masked_mean",
     "meta_sgd_update",
     "mse_loss",
+    "noisy_clipped_mean",
+    "norm_bounded_mean",
     "normalize_weights",
     "per_fedavg_update",
     "reptile_update",
     "select_params",
     "sgd_init",
     "sgd_step",
+    "trimmed_mean",
+    "update_norms",
     "weighted_mean",
 ]

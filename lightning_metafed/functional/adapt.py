@@ -16,9 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lightning_metafed.functional.client_task import Params
 from lightning_metafed.functional.inner import LearningRate
-
-Params = dict[str, Tensor]
 LossFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, "Tensor | None"], Tensor]
 
 __all__ = ["InnerStep", "adapt", "iterate_adaptation", "keep_after_budget", "select_params"]

@@ -1,13 +1,73 @@
-"""Aggregation of stacked client updates ``{name: [m, *shape]}`` into one server pseudo-gradient."""
+"""Aggregation of stacked client updates ``{name: [m, *shape]}`` into one server pseudo-gradient.
+
+All of the server's aggregation math lives here as pure functions (no state, no randomness):
+
+- :func:`weighted_mean`: ``Σ_i w_i Δ_i / Σ_i w_i`` (FedAvg; McMahan et al., 2017).
+- :func:`coordinate_median` and :func:`trimmed_mean`: coordinate-wise robust rules (Yin, Chen,
+  Ramchandran & Bartlett, 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
+  Rates").
+- :func:`clip_to_norm` and :func:`norm_bounded_mean`: each client's whole update scaled down to a
+  norm bound (Sun, Kairouz, Suresh & McMahan, 2019, "Can You Really Backdoor Federated Learning?").
+- :func:`bucket_means`: means of consecutive groups of clients, the input of a robust rule under
+  bucketing (Karimireddy, He & Jaggi, 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
+  via Bucketing").
+- :func:`noisy_clipped_mean`: the DP-FedAvg aggregate ``(Σ_i clip(Δ_i) + noise) / m`` (McMahan,
+  Ramage, Talwar & Zhang, 2018, "Learning Differentially Private Recurrent Language Models"); the
+  noise is drawn by the caller (:class:`lightning_metafed.privacy.ClientDP`), which owns the seeds.
+
+The norm of a client's update is taken over all of its parameters together. The functions keep the
+operation order of the aggregator classes they replaced, so results are bit-identical to them.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_mean", "normalize_weights"]
+from lightning_metafed.functional.client_task import Params
+
+__all__ = [
+    "bucket_means",
+    "clip_to_norm",
+    "coordinate_median",
+    "finite_clients",
+    "noisy_clipped_mean",
+    "norm_bounded_mean",
+    "normalize_weights",
+    "trimmed_mean",
+    "update_norms",
+    "weighted_mean",
+]
+
+
+def _check_positive(name: str, value: object) -> None:
+    """Raise unless ``value`` is a finite real number ``> 0`` (a Python or NumPy scalar, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"Expected `{name}` to be a finite number > 0, got {value!r}")
+
+
+def _first(updates: Mapping[str, Tensor]) -> Tensor:
+    """The first parameter's stacked uploads; ``updates`` must hold at least one parameter."""
+    if not updates:
+        raise ValueError("Expected `updates` to hold at least one parameter, got an empty mapping")
+    return next(iter(updates.values()))
+
+
+def _num_clients(updates: Mapping[str, Tensor]) -> int:
+    """``m``, the clients stacked along dim 0 of every upload; at least one parameter and one client."""
+    m = _first(updates).shape[0]
+    if m < 1:
+        raise ValueError(f"Expected `updates` to stack at least one client along dim 0, got {m}")
+    return m
+
+
+def _per_client(u: Tensor) -> Tensor:
+    """Stacked uploads ``[m, *shape]`` as ``[m, numel]`` (also for a scalar parameter, ``[m]``)."""
+    return u.reshape(u.shape[0], math.prod(u.shape[1:]))
 
 
 def normalize_weights(weights: Tensor | None, m: int, *, like: Tensor) -> Tensor:
@@ -18,10 +78,100 @@ def normalize_weights(weights: Tensor | None, m: int, *, like: Tensor) -> Tensor
     return w / w.sum()
 
 
-def weighted_mean(updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+def weighted_mean(updates: Mapping[str, Tensor], weights: Tensor | None = None) -> Params:
     """``Σ_i w_i u_i / Σ_i w_i`` per parameter (plain mean when ``weights`` is ``None``)."""
     out = {}
     for name, u in updates.items():
         w = normalize_weights(weights, u.shape[0], like=u)
         out[name] = torch.tensordot(w, u, dims=([0], [0]))
     return out
+
+
+def update_norms(updates: Mapping[str, Tensor]) -> Tensor:
+    """Each client's update norm over all parameters together, ``‖Δ_i‖ = sqrt(Σ_p ‖Δ_i^p‖²)``: ``[m]``.
+
+    The squares are summed in float64 and the norms returned in the first parameter's dtype.
+    """
+    dtype = _first(updates).dtype
+    return torch.sqrt(sum((_per_client(u).double() ** 2).sum(1) for u in updates.values())).to(dtype)
+
+
+def clip_to_norm(updates: Mapping[str, Tensor], max_norm: float) -> tuple[Params, Tensor]:
+    """Each client's update scaled down to norm ``max_norm`` at most, ``Δ_i · min(1, C / ‖Δ_i‖)``
+    (all parameters together; Sun et al., 2019), and the norms ``‖Δ_i‖`` before clipping."""
+    _check_positive("max_norm", max_norm)
+    norms = update_norms(updates)
+    factor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    return {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}, norms
+
+
+def finite_clients(updates: Mapping[str, Tensor]) -> Tensor:
+    """``[m]`` bool: which clients' uploads hold no NaN/inf in any parameter."""
+    return torch.stack([torch.isfinite(_per_client(u)).all(1) for u in updates.values()]).all(0)
+
+
+def coordinate_median(updates: Mapping[str, Tensor]) -> Params:
+    """Coordinate-wise median of the clients' updates (unweighted; Yin et al., 2018).
+
+    With an even number ``m`` of clients it is the mean of the two middle values,
+    ``(s_{⌊(m-1)/2⌋} + s_{⌊m/2⌋}) / 2`` of the sorted values ``s`` (so two clients give their mean,
+    not the lower one as ``torch.median`` would).
+    """
+    m = _num_clients(updates)
+    out = {}
+    for name, u in updates.items():
+        s = torch.sort(u, dim=0).values
+        out[name] = (s[(m - 1) // 2] + s[m // 2]) / 2
+    return out
+
+
+def trimmed_mean(updates: Mapping[str, Tensor], trim: float) -> Params:
+    """Coordinate-wise ``trim``-trimmed mean (unweighted; Yin et al., 2018): per coordinate, drop the
+    ``k = ⌊trim·m⌋`` largest and ``k`` smallest client values and average the other ``m - 2k``.
+
+    ``k`` is computed as ``int(trim·m + 1e-9)`` so that an inexact product (``0.29 · 100`` is
+    ``28.999…`` in floating point) still trims ``⌊trim·m⌋``. When ``m - 2k < 1`` (tiny rounds) the
+    :func:`coordinate_median` is returned instead. ``trim`` is in ``[0, 0.5)``; ``0`` is the mean.
+    """
+    if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not 0 <= trim < 0.5:
+        raise ValueError(f"Expected `trim` in [0, 0.5), got {trim!r}")
+    m = _num_clients(updates)
+    k = int(trim * m + 1e-9)
+    if m - 2 * k < 1:
+        return coordinate_median(updates)
+    return {name: torch.sort(u, dim=0).values[k : m - k].mean(0) for name, u in updates.items()}
+
+
+def norm_bounded_mean(updates: Mapping[str, Tensor], max_norm: float, weights: Tensor | None = None) -> Params:
+    """``Σ_i w_i Δ_i · min(1, C / ‖Δ_i‖) / Σ_i w_i`` with ``C = max_norm``: the (weighted) mean of the
+    clients' updates after :func:`clip_to_norm` (Sun et al., 2019). Plain mean when ``weights`` is
+    ``None``."""
+    return weighted_mean(clip_to_norm(updates, max_norm)[0], weights)
+
+
+def bucket_means(updates: Mapping[str, Tensor], bucket_size: int) -> Params:
+    """Means of consecutive groups of ``bucket_size`` clients, ``[⌈m / bucket_size⌉, *shape]`` per
+    parameter (Karimireddy et al., 2022); the last group holds the remaining ``m mod bucket_size``
+    clients when that is not zero. A robust rule is then applied to these means."""
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+        raise ValueError(f"Expected `bucket_size` to be an integer >= 1, got {bucket_size!r}")
+    return {
+        name: torch.stack([b.mean(0) for b in torch.split(u, bucket_size, dim=0)]) for name, u in updates.items()
+    }
+
+
+def noisy_clipped_mean(
+    updates: Mapping[str, Tensor], clip_norm: float, noise: Mapping[str, Tensor], denominator: int | float
+) -> tuple[Params, Tensor]:
+    """The DP-FedAvg aggregate (McMahan et al., 2018) and the clients' norms before clipping:
+
+        aggregate = (Σ_i Δ_i · min(1, C / ‖Δ_i‖) + z) / denominator,   C = clip_norm
+
+    ``noise`` holds ``z`` for each parameter, shaped like one client's update (for Gaussian DP,
+    ``z ~ N(0, σ²C²·I)``); it is cast to the clipped sum's dtype and device before it is added.
+    ``denominator`` is data-independent: the number of *sampled* clients, not of survivors.
+    """
+    _check_positive("clip_norm", clip_norm)
+    _check_positive("denominator", denominator)
+    clipped, norms = clip_to_norm(updates, clip_norm)
+    return {k: (u.sum(0) + noise[k].to(u.device, u.dtype)) / denominator for k, u in clipped.items()}, norms

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-Params = dict[str, Tensor]
+from lightning_metafed.functional.client_task import Params
 LearningRate = float | Tensor | Mapping[str, Tensor | float]
 
 __all__ = ["sgd_init", "sgd_step", "adam_init", "adam_step", "lr_for"]

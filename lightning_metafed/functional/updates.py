@@ -13,7 +13,7 @@ scalar diagnostics (losses). Functions are written for one client and vectorized
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,10 +24,8 @@ from lightning_metafed.functional.adapt import (
     iterate_adaptation,
     keep_after_budget,
 )
+from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.inner import LearningRate
-
-Params = dict[str, Tensor]
-Aux = dict[str, Tensor]
 
 __all__ = [
     "ClientTask",
@@ -40,23 +38,6 @@ __all__ = [
     "fedavg_update",
     "hvp",
 ]
-
-
-class ClientTask(NamedTuple):
-    """One client's task (unbatched), or ``m`` clients' tasks stacked along dim 0.
-
-    ``num_steps`` (optional) is the client's local step budget this round (heterogeneous compute):
-    the rules below stop its inner/local loop after that many steps (see
-    :func:`~lightning_metafed.functional.adapt.keep_after_budget`).
-    """
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-    support_mask: Tensor | None = None
-    query_mask: Tensor | None = None
-    num_steps: Tensor | int | None = None
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:
@@ -301,6 +282,22 @@ def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: 
     return torch.func.jvp(torch.func.grad(loss), (dict(params),), (dict(vector),))[1]
 
 
+Batch = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+def _per_fedavg_batches(task: ClientTask, variant: str, hessian_batch: str) -> tuple[Batch, Batch]:
+    """Per-FedAvg's ``D'`` and (HF only) ``D''``: the query's halves, or the query and the support."""
+    q = (task.query_x, task.query_y, task.query_mask)
+    if variant != "hf":
+        return q, (None, None, None)
+    if hessian_batch == "support":
+        return q, (task.support_x, task.support_y, task.support_mask)
+    half = task.query_x.shape[0] // 2
+    first = tuple(None if t is None else t[:half] for t in q)
+    second = tuple(None if t is None else t[half:] for t in q)
+    return first, second
+
+
 def per_fedavg_update(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -329,17 +326,7 @@ def per_fedavg_update(
     """
     theta = _detached(params)
     sx, sy, sm = task.support_x, task.support_y, task.support_mask
-    qx, qy, qm = task.query_x, task.query_y, task.query_mask
-    hx = hy = hm = None
-    if variant == "hf":
-        if hessian_batch == "query_split":
-            half = qx.shape[0] // 2
-            hx, hy = qx[half:], qy[half:]
-            hm = None if qm is None else qm[half:]
-            qx, qy = qx[:half], qy[:half]
-            qm = None if qm is None else qm[:half]
-        else:
-            hx, hy, hm = sx, sy, sm
+    (qx, qy, qm), (hx, hy, hm) = _per_fedavg_batches(task, variant, hessian_batch)
     local = dict(theta)
     support_loss = query_loss = None
     for t in range(local_steps):  # ``task.num_steps`` caps the local steps

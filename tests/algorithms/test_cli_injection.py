@@ -29,6 +29,7 @@ def test_lightning_cli_builds_module_with_class_path_objects():
             "--model.aggregator=lightning_metafed.Mean",
             "--model.aggregator.weighted=false",
             "--trainer.logger=false",
+            "--seed_everything=0",
         ],
     )
     model = cli.model

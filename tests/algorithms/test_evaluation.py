@@ -4,40 +4,34 @@ from __future__ import annotations
 
 import functools
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import classification_batch, mlp, sinusoid_batch
+from conftest import classification_batch, client_task, loader, mlp, quiet_trainer, sinusoid_batch
 from torch import nn
-from torch.utils.data import DataLoader
 
 import lightning_metafed as lm
 from lightning_metafed.functional import adapt, cross_entropy_loss
 from lightning_metafed.inner import SGD, Adam
 
 
-def default_trainer() -> pl.Trainer:
-    # A default Trainer (inference_mode=True) with only the console noise turned off.
-    return pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-
-
 def manual_metrics(model, batch, steps):
     """Reference: adapt each client with the functional core, score its query set."""
     losses, accs = [], []
     for i in range(batch.num_clients):
+        task = client_task(batch, i)
         params = {k: v.detach() for k, v in model.net.named_parameters()}
         adapted = adapt(
             model.functional_loss,
             params,
-            batch.support_x[i],
-            batch.support_y[i],
+            task.support_x,
+            task.support_y,
             optimizer=model.inner_optimizer,
             steps=steps,
             **model.adaptation_kwargs(model.meta_parameters(detach=True)),
         )
-        logits = torch.func.functional_call(model.net, adapted, (batch.query_x[i],))
-        losses.append(cross_entropy_loss(logits, batch.query_y[i]))
-        accs.append((logits.argmax(-1) == batch.query_y[i]).double().mean())
+        logits = torch.func.functional_call(model.net, adapted, (task.query_x,))
+        losses.append(cross_entropy_loss(logits, task.query_y))
+        accs.append((logits.argmax(-1) == task.query_y).double().mean())
     return torch.stack(losses).mean(), torch.stack(accs).mean()
 
 
@@ -46,11 +40,10 @@ def test_validate_and_test_report_four_metrics_with_default_trainer(cls):
     batch = classification_batch(5)
     kwargs = dict(inner_optimizer=SGD(lr=0.5), eval_inner_steps=3, task="classification")
     model = cls(mlp(4, 8, 3), **kwargs)
-    loader = DataLoader([batch], batch_size=None)
-    t = default_trainer()
+    t = quiet_trainer(limit_val_batches=1.0)  # Lightning's default inference_mode=True is kept
     assert t.validate_loop.inference_mode and t.test_loop.inference_mode
-    val = t.validate(model, loader, verbose=False)[0]
-    test = t.test(model, loader, verbose=False)[0]
+    val = t.validate(model, loader(batch), verbose=False)[0]
+    test = t.test(model, loader(batch), verbose=False)[0]
     assert {"val/loss_pre", "val/loss_post", "val/acc_pre", "val/acc_post"} <= set(val)
     assert {"test/loss_pre", "test/loss_post", "test/acc_pre", "test/acc_post"} <= set(test)
     assert {f"test/acc_step{k}" for k in range(4)} <= set(test)  # the adaptation curve, returned by test
@@ -79,19 +72,20 @@ def test_adaptation_never_sees_query_data():
 def test_predict_returns_personalized_query_predictions():
     model = lm.MetaSGD(mlp(), inner_optimizer=Adam(lr=0.05), eval_inner_steps=2)
     batch = sinusoid_batch(3, query=4)
-    preds = default_trainer().predict(model, DataLoader([batch], batch_size=None))[0]
+    preds = quiet_trainer().predict(model, loader(batch))[0]
     assert preds.shape == (3, 4, 1)
     for i in range(3):
+        task = client_task(batch, i)
         adapted = adapt(
             model.functional_loss,
             {k: v.detach() for k, v in model.net.named_parameters()},
-            batch.support_x[i],
-            batch.support_y[i],
+            task.support_x,
+            task.support_y,
             optimizer=model.inner_optimizer,
             steps=2,
             lr={n: model.inner_lrs[n.replace(".", "__")].detach() for n, _ in model.net.named_parameters()},
         )
-        torch.testing.assert_close(preds[i], torch.func.functional_call(model.net, adapted, (batch.query_x[i],)))
+        torch.testing.assert_close(preds[i], torch.func.functional_call(model.net, adapted, (task.query_x,)))
     unadapted = model.net(batch.query_x[0])
     assert not torch.allclose(preds[0], unadapted)
 
@@ -108,10 +102,10 @@ def test_fit_with_validation_improves_sinusoid_post_adaptation_loss():
         eval_inner_steps=5,
         server_optimizer=functools.partial(torch.optim.Adam, lr=0.01),
     )
-    t = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    before = t.validate(model, DataLoader(val, batch_size=None), verbose=False)[0]
-    t.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
-    after = t.validate(model, DataLoader(val, batch_size=None), verbose=False)[0]
+    t = quiet_trainer(max_epochs=2, limit_val_batches=1.0)
+    before = t.validate(model, loader(*val), verbose=False)[0]
+    t.fit(model, loader(*train), loader(*val))
+    after = t.validate(model, loader(*val), verbose=False)[0]
     assert after["val/loss_post"] < 0.8 * before["val/loss_post"], (before, after)
     assert after["val/loss_post"] < after["val/loss_pre"]
 
@@ -147,7 +141,6 @@ def test_padded_clients_evaluate_and_train_like_unpadded_ones(cls):
 
 def test_diverging_adaptation_warns_instead_of_silent_nan():
     model = lm.MAML(mlp(), inner_optimizer=SGD(lr=1e6), eval_inner_steps=30)
-    loader = DataLoader([sinusoid_batch(3)], batch_size=None)
     with pytest.warns(UserWarning, match=r"adaptation diverged .* for 3 of 3 clients"):
-        metrics = default_trainer().validate(model, loader, verbose=False)[0]
+        metrics = quiet_trainer(limit_val_batches=1.0).validate(model, loader(sinusoid_batch(3)), verbose=False)[0]
     assert metrics["val/loss_post"] != metrics["val/loss_post"]  # NaN, reported loudly above

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import classification_batch, mlp, sinusoid_batch
+from conftest import autograd_grad, classification_batch, client_task, finite_difference_grad, mlp, sinusoid_batch
 
 import lightning_metafed as lm
 from lightning_metafed.inner import SGD, Adam, TorchOptimizer
@@ -45,15 +47,52 @@ def test_higher_fast_path_equals_explicit_updates():
         torch.testing.assert_close(p.grad, torch.einsum("m,m...->...", w, updates[name]))
 
 
-def test_torch_optimizer_runs_any_torch_optim_class_with_higher():
+def rmsprop_reference(net, params, task, steps, **kwargs):
+    """A plain ``torch.optim.RMSprop`` loop on the support set of ``task``, starting from ``params``, on a
+    copy of ``net``: the adapted parameters and the query MSE before and after every step."""
+    clone = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            p.copy_(params[name])
+    optimizer = torch.optim.RMSprop(clone.parameters(), **kwargs)
+    query_losses = []
+    for step in range(steps + 1):
+        with torch.no_grad():
+            query_losses.append(((clone(task.query_x) - task.query_y) ** 2).mean())
+        if step < steps:
+            optimizer.zero_grad()
+            ((clone(task.support_x) - task.support_y) ** 2).mean().backward()
+            optimizer.step()
+    return {n: p.detach() for n, p in clone.named_parameters()}, torch.stack(query_losses)
+
+
+# higher warns on every differentiable RMSprop that its meta-gradients may be wrong (at a zero running
+# average); this test checks them itself, against finite differences of a plain torch.optim loop.
+@pytest.mark.filterwarnings("ignore:Differentiable RMSprop suffers from gradient correctness issues:UserWarning")
+@pytest.mark.parametrize("first_order", [False, True])
+def test_torch_optimizer_runs_any_torch_optim_class_with_higher(first_order):
     batch = sinusoid_batch(2)
+    rmsprop = dict(lr=0.01, alpha=0.9)
     model = lm.MAML(
-        mlp(), inner_optimizer=TorchOptimizer("torch.optim.RMSprop", lr=0.01, kwargs={"alpha": 0.9}), inner_backend="higher", vectorize=False
+        mlp(), inner_optimizer=TorchOptimizer("torch.optim.RMSprop", lr=0.01, kwargs={"alpha": 0.9}), inner_steps=3,
+        eval_inner_steps=3, first_order=first_order, inner_backend="higher", vectorize=False,
     )
     updates = model.client_updates(batch)
     assert all(torch.isfinite(u).all() for u in updates.values())
     curves = model.adaptation_curves(batch)
-    assert curves["loss"].shape == (2, 2)
+    assert curves["loss"].shape == (2, 4)
+    personalized = model.personalize(batch)
+    theta = {n: p.detach() for n, p in model.net.named_parameters()}
+    for i in range(batch.num_clients):
+        task = client_task(batch, i)
+        adapted, query_losses = rmsprop_reference(model.net, theta, task, 3, **rmsprop)
+        torch.testing.assert_close({n: personalized[n][i] for n in adapted}, adapted)
+        torch.testing.assert_close(curves["loss"][i], query_losses)
+        if first_order:  # FOMAML: the query gradient at the adapted parameters
+            expected = autograd_grad(model.net, adapted, task.query_x, task.query_y)
+        else:  # MAML: the gradient of the query loss after the plain RMSprop loop, by finite differences
+            expected = finite_difference_grad(lambda p: rmsprop_reference(model.net, p, task, 3, **rmsprop)[1][-1], theta)
+        torch.testing.assert_close({n: updates["net." + n][i] for n in expected}, expected, rtol=1e-5, atol=1e-8)
 
 
 def test_torch_optimizer_requires_higher_backend():

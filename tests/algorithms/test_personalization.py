@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import csv
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import mlp, sinusoid_batch
+from conftest import FIT_WITHOUT_VALIDATION, console_text, loader, mlp, quiet_trainer, sinusoid_batch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader
 
 import lightning_metafed as lm
 from lightning_metafed.data import SinusoidClients, stack_tasks
 from lightning_metafed.inner import SGD
 from lightning_metafed.metrics import ClientRecords, client_statistics
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def linear_clients():
@@ -40,7 +33,7 @@ def test_adaptation_curve_of_a_linear_model_matches_the_hand_computation():
         net.weight.fill_(0.5)
     alpha = 0.1
     model = lm.MAML(net, inner_optimizer=SGD(lr=alpha), eval_inner_steps=2)
-    results = quiet_trainer().test(model, DataLoader([stack_tasks(tasks, [1.0] * 3, [0, 1, 2])], batch_size=None), verbose=False)[0]
+    results = quiet_trainer().test(model, loader(stack_tasks(tasks, [1.0] * 3, [0, 1, 2])), verbose=False)[0]
     per_client = []
     for sx, sy, qx, qy in tasks:
         w, curve = 0.5, []
@@ -99,15 +92,16 @@ def test_query_data_never_reaches_adaptation():
     assert torch.isnan(curves).all()  # only the scores use the query set
 
 
-def test_test_run_writes_csv_histogram_figure_and_prints_summary(tmp_path, capsys):
+def test_test_run_writes_csv_histogram_figure_and_prints_summary(tmp_path, capsys, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = SinusoidClients(num_clients=60, clients_per_round=4, rounds_per_epoch=3, eval_clients_per_batch=4)
     model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.01), eval_inner_steps=3)
-    trainer = pl.Trainer(max_epochs=1, logger=TensorBoardLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False)
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    printed = capsys.readouterr().out
+    trainer = quiet_trainer(max_epochs=1, logger=TensorBoardLogger(tmp_path), log_every_n_steps=1, limit_val_batches=1.0)
+    with caplog.at_level("INFO"):
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+    printed = console_text(capsys, caplog)
     assert "test: personalization on 6 held-out clients" in printed and "worst-10%" in printed
     assert "Communication over 3 rounds" in printed
     rows = list(csv.DictReader(open(f"{trainer.log_dir}/test_clients.csv")))
@@ -122,6 +116,7 @@ def test_test_run_writes_csv_histogram_figure_and_prints_summary(tmp_path, capsy
     assert "val/adaptation_curve" in events.Tags()["images"]
 
 
+@FIT_WITHOUT_VALIDATION
 def test_communication_bytes_equal_numel_times_element_size(tmp_path):
     model = lm.MetaSGD(mlp(), inner_optimizer=SGD(lr=0.01), fast_path=False)
     batches = [sinusoid_batch(4, seed=s) for s in range(3)]
@@ -130,7 +125,7 @@ def test_communication_bytes_equal_numel_times_element_size(tmp_path):
     updates = model.client_updates(batches[0])
     assert sum(u[0].numel() * u.element_size() for u in updates.values()) == per_client
     trainer = quiet_trainer(max_steps=3, logger=TensorBoardLogger(tmp_path), log_every_n_steps=1)
-    trainer.fit(model, DataLoader(batches, batch_size=None))
+    trainer.fit(model, loader(*batches))
     logged = trainer.logged_metrics
     assert logged["comm/upload_bytes_per_client"] == per_client
     assert logged["comm/download_bytes_per_client"] == per_client
@@ -142,17 +137,20 @@ def test_communication_bytes_equal_numel_times_element_size(tmp_path):
     restored.on_load_checkpoint(torch.load(path, weights_only=True))
     assert restored.communication == model.communication
     fast = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
-    quiet_trainer(max_steps=1).fit(fast, DataLoader(batches[:1], batch_size=None))
+    quiet_trainer(max_steps=1).fit(fast, loader(batches[0]))
     assert fast.communication["upload_bytes"] == 4 * sum(p.numel() * 8 for p in fast.parameters())
 
 
-def test_resumed_fit_with_no_rounds_left_reports_restored_communication(tmp_path, capsys):
-    batches = DataLoader([sinusoid_batch(3, seed=s) for s in range(2)], batch_size=None)
+@FIT_WITHOUT_VALIDATION
+def test_resumed_fit_with_no_rounds_left_reports_restored_communication(tmp_path, capsys, caplog):
+    batches = loader(*[sinusoid_batch(3, seed=s) for s in range(2)])
     model = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
     first = quiet_trainer(max_steps=2)
-    first.fit(model, batches)
+    with caplog.at_level("INFO"):
+        first.fit(model, batches)
     first.save_checkpoint(tmp_path / "done.ckpt")
     resumed = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01))
-    quiet_trainer(max_steps=2).fit(resumed, batches, ckpt_path=tmp_path / "done.ckpt")
+    with caplog.at_level("INFO"):
+        quiet_trainer(max_steps=2).fit(resumed, batches, ckpt_path=tmp_path / "done.ckpt")
     assert resumed.communication == model.communication and resumed.communication["rounds"] == 2
-    assert capsys.readouterr().out.count("Communication over 2 rounds") == 2
+    assert console_text(capsys, caplog).count("Communication over 2 rounds") == 2

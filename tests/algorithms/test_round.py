@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import functools
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import classification_batch, mlp, sinusoid_batch
+from conftest import FIT_WITHOUT_VALIDATION, classification_batch, loader, mlp, quiet_trainer, sinusoid_batch
 from torch import nn
-from torch.utils.data import DataLoader
 
 import lightning_metafed as lm
 from lightning_metafed.inner import SGD, Adam
 
+pytestmark = FIT_WITHOUT_VALIDATION  # the rounds here fit on bare training loaders
+
 SERVER_SGD_1 = functools.partial(torch.optim.SGD, lr=1.0)
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
-
-
-def loader(*batches):
-    return DataLoader(list(batches), batch_size=None)
 
 
 # Each entry builds one algorithm on a float64 regression net.
@@ -60,7 +44,7 @@ def test_vmap_equals_loop(name):
         assert u_vec[key].shape == (5, *dict(vec.named_parameters())[key].shape)
         torch.testing.assert_close(u_vec[key], u_loop[key])
     assert any(u.abs().sum() > 0 for u in u_vec.values())
-    assert vec._vmap_error is None
+    assert vec.runner.vmap_error is None
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -69,7 +53,7 @@ def test_training_step_with_server_sgd_applies_minus_weighted_mean(name):
     model = ALGORITHMS[name](server_optimizer=SERVER_SGD_1)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     updates = model.client_updates(batch)
-    trainer(max_steps=1).fit(model, loader(batch))
+    quiet_trainer(max_steps=1).fit(model, loader(batch))
     w = batch.weight / batch.weight.sum()
     for key, p in model.named_parameters():
         expected = before[key] - torch.einsum("m,m...->...", w, updates[key])
@@ -85,14 +69,14 @@ def test_fast_path_equals_explicit_path(name, weighted):
     for fast in (True, False):
         model = ALGORITHMS[name](server_optimizer=SERVER_SGD_1, fast_path=fast, aggregator=lm.Mean(weighted=weighted))
         assert model._use_fast_path() is fast
-        trainer(max_steps=1).fit(model, loader(batch))
+        quiet_trainer(max_steps=1).fit(model, loader(batch))
         results.append({k: p.detach().clone() for k, p in model.named_parameters()})
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key])
     # the weights matter: weighted and unweighted rounds differ
     if weighted:
         other = ALGORITHMS[name](server_optimizer=SERVER_SGD_1, aggregator=lm.Mean(weighted=False))
-        trainer(max_steps=1).fit(other, loader(batch))
+        quiet_trainer(max_steps=1).fit(other, loader(batch))
         assert not torch.allclose(other.net[0].weight, results[0]["net.0.weight"])
 
 
@@ -113,13 +97,13 @@ def test_meta_sgd_uploads_and_learns_inner_lrs():
     assert all(updates[k].abs().sum() > 0 for k in lr_keys)
     before = model.inner_lrs["0__weight"].detach().clone()
     torch.testing.assert_close(before, torch.full_like(before, 0.05))
-    trainer(max_steps=1).fit(model, loader(batch))
+    quiet_trainer(max_steps=1).fit(model, loader(batch))
     assert not torch.allclose(model.inner_lrs["0__weight"].detach(), before)
 
 
 def test_server_adam_state_persists_across_rounds():
     model = ALGORITHMS["maml"](server_optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
-    t = trainer(max_steps=3)
+    t = quiet_trainer(max_steps=3)
     t.fit(model, loader(*[sinusoid_batch(4, seed=s) for s in range(3)]))
     opt = t.optimizers[0]
     states = [opt.state[p] for p in model.parameters()]
@@ -129,15 +113,15 @@ def test_server_adam_state_persists_across_rounds():
 def test_resume_from_checkpoint_restores_server_optimizer(tmp_path):
     batches = loader(*[sinusoid_batch(4, seed=s) for s in range(2)])
     straight = ALGORITHMS["metasgd"]()
-    trainer(max_epochs=2).fit(straight, batches)
+    quiet_trainer(max_epochs=2).fit(straight, batches)
 
     first = ALGORITHMS["metasgd"]()
-    t1 = trainer(max_epochs=1)
+    t1 = quiet_trainer(max_epochs=1)
     t1.fit(first, batches)
     ckpt = tmp_path / "epoch1.ckpt"
     t1.save_checkpoint(ckpt)
     resumed = ALGORITHMS["metasgd"]()  # fresh parameters and server optimizer: all must come from the checkpoint
-    t2 = trainer(max_epochs=2)
+    t2 = quiet_trainer(max_epochs=2)
     t2.fit(resumed, batches, ckpt_path=ckpt)
     assert resumed.global_step == 4
     assert int(t2.optimizers[0].state[resumed.net[0].weight]["step"]) == 4
@@ -163,7 +147,7 @@ def test_vmap_failure_falls_back_to_loop_with_warning():
     loop = lm.MAML(ItemNet(), inner_optimizer=SGD(lr=0.05), vectorize=False)
     with pytest.warns(UserWarning, match="falling back to a per-client loop"):
         u_vec = vec.client_updates(batch)
-    assert vec._vmap_error is not None and "item" in vec._vmap_error.lower()
+    assert vec.runner.vmap_error is not None and "item" in vec.runner.vmap_error.lower()
     u_loop = loop.client_updates(batch)
     for key in u_loop:
         torch.testing.assert_close(u_vec[key], u_loop[key])
@@ -175,7 +159,7 @@ def test_nonfinite_aggregate_raises_before_the_server_step():
     model = ALGORITHMS["maml"](fast_path=False, reject_nonfinite=False)
     before = model.net[0].weight.detach().clone()
     with pytest.raises(FloatingPointError, match="not finite"):
-        trainer(max_steps=1).fit(model, loader(batch))
+        quiet_trainer(max_steps=1).fit(model, loader(batch))
     torch.testing.assert_close(model.net[0].weight.detach(), before)
 
 
@@ -204,7 +188,7 @@ def test_chunked_fast_path_equals_unchunked(name):
     for chunk in (None, 3):
         model = ALGORITHMS[name](server_optimizer=SERVER_SGD_1, client_chunk_size=chunk)
         assert model._use_fast_path()
-        trainer(max_steps=1).fit(model, loader(batch))
+        quiet_trainer(max_steps=1).fit(model, loader(batch))
         results.append({k: p.detach().clone() for k, p in model.named_parameters()})
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key])
@@ -237,4 +221,4 @@ def test_compiled_clients_equal_eager():
         model.round_gradients(batch)
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
-    assert len(compiled._compiled) == 1 and compiled._vmap_error is None
+    assert len(compiled.runner._compiled) == 1 and compiled.runner.vmap_error is None

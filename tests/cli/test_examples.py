@@ -21,10 +21,16 @@ def test_every_example_has_a_run_docstring():
         assert module.__doc__ and "Run:" in module.__doc__, path.name
 
 
-def test_custom_architecture_example_subclasses_and_runs():
+def test_custom_architecture_example_subclasses_and_meta_learns():
     module = load("custom_architecture")
-    results = module.main(max_epochs=1, rounds_per_epoch=3)
+    untrained = module.main(max_epochs=0)  # the same seeded initialization, tested without a round
+    results = module.main(max_epochs=1, rounds_per_epoch=40)
     assert 0.0 <= results["test/acc_post"] <= 1.0
+    # after meta-training, adapting on a held-out client's support set lowers its query loss ...
+    assert results["test/loss_post"] < results["test/loss_pre"]
+    # ... and the adapted model is better than the untrained one adapted the same way
+    assert results["test/loss_post"] < untrained["test/loss_post"]
+    assert results["test/acc_post"] > untrained["test/acc_post"]
     model = module.DigitsConvMAML(task="classification")
     assert model.net[0].__class__.__name__ == "Conv2d"
 

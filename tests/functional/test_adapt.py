@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from torch import nn
+from conftest import F64, autograd_grad, mlp_problem, plain_mse
 
 from lightning_metafed.functional import (
     adapt,
@@ -18,36 +18,18 @@ from lightning_metafed.functional import (
 )
 from lightning_metafed.inner import SGD, Adam
 
-F64 = torch.float64
-
 
 def _mlp_problem(seed: int = 0, n: int = 6):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-
-    def loss_fn(p, x, y, mask):
-        return mse_loss(torch.func.functional_call(net, p, (x,)), y, mask)
-
-    params = {k: v.detach().clone() for k, v in net.named_parameters()}
-    x = torch.rand(n, 1, dtype=F64) * 4 - 2
-    y = torch.sin(x) + 0.1 * torch.randn(n, 1, dtype=F64)
-    return net, loss_fn, params, x, y
-
-
-def _autograd_grads(net, params, x, y):
-    """∇ of the plain (unmasked) MSE with classic autograd, independent of torch.func."""
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    out = torch.func.functional_call(net, leaves, (x,))
-    loss = ((out - y) ** 2).mean()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(zip(leaves, grads))
+    """``(net, loss_fn, params, x, y)``: the shared MLP problem with ``n`` support examples only."""
+    net, loss_fn, params, task = mlp_problem(seed, hidden=8, support=n, query=0)
+    return net, loss_fn, params, task.support_x, task.support_y
 
 
 def test_adapt_one_sgd_step_equals_hand_update():
     net, loss_fn, params, x, y = _mlp_problem()
     alpha = 0.3
     adapted = adapt(loss_fn, params, x, y, optimizer=SGD(lr=alpha), steps=1)
-    grads = _autograd_grads(net, params, x, y)
+    grads = autograd_grad(net, params, x, y)
     expected = {k: params[k] - alpha * grads[k] for k in params}
     torch.testing.assert_close(adapted, expected)
 
@@ -58,7 +40,7 @@ def test_adapt_three_sgd_steps_equals_hand_loop():
     adapted = adapt(loss_fn, params, x, y, optimizer=SGD(lr=alpha), steps=3)
     current = dict(params)
     for _ in range(3):
-        grads = _autograd_grads(net, current, x, y)
+        grads = autograd_grad(net, current, x, y)
         current = {k: current[k] - alpha * grads[k] for k in current}
     torch.testing.assert_close(adapted, current)
 
@@ -94,7 +76,7 @@ def test_adapt_names_only_changes_selected_parameters():
     alpha = 0.3
     head = ["2.weight", "2.bias"]
     adapted = adapt(loss_fn, params, x, y, optimizer=SGD(lr=alpha), steps=1, adapt_names=head)
-    grads = _autograd_grads(net, params, x, y)
+    grads = autograd_grad(net, params, x, y)
     for k in params:
         if k in head:
             torch.testing.assert_close(adapted[k], params[k] - alpha * grads[k])
@@ -152,9 +134,8 @@ def test_iterate_adaptation_yields_steps_plus_one_param_dicts():
         p_k, loss_k = yielded[k]
         torch.testing.assert_close(p_k, current)
         if k < steps:
-            out = torch.func.functional_call(net, current, (x,))
-            torch.testing.assert_close(loss_k, ((out - y) ** 2).mean())
-            grads = _autograd_grads(net, current, x, y)
+            torch.testing.assert_close(loss_k, plain_mse(net, current, x, y))
+            grads = autograd_grad(net, current, x, y)
             current = {n: current[n] - alpha * grads[n] for n in current}
     # losses decrease along the path for a small step size
     losses = [loss for _, loss in yielded[:-1]]

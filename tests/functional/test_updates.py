@@ -6,7 +6,7 @@ from __future__ import annotations
 import higher
 import pytest
 import torch
-from torch import nn
+from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, plain_mse
 
 from lightning_metafed.functional import (
     ClientTask,
@@ -23,46 +23,10 @@ from lightning_metafed.functional import (
 )
 from lightning_metafed.inner import SGD, Adam
 
-F64 = torch.float64
 HEAD = ["2.weight", "2.bias"]
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _mlp_problem(seed: int = 0, inp: int = 1, hidden: int = 4, out: int = 1, support: int = 5, query: int = 6):
-    """A tiny tanh MLP, its float64 parameter dict, a functional MSE loss and one client task."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, out)).double()
-
-    def loss_fn(p, x, y, mask):
-        return mse_loss(torch.func.functional_call(net, p, (x,)), y, mask)
-
-    params = {k: v.detach().clone() for k, v in net.named_parameters()}
-    x = torch.rand(support + query, inp, dtype=F64) * 4 - 2
-    w = torch.randn(inp, out, dtype=F64)
-    y = torch.sin(x @ w) + 0.1 * torch.randn(support + query, out, dtype=F64)
-    task = ClientTask(x[:support], y[:support], x[support:], y[support:])
-    return net, loss_fn, params, task
-
-
-def _plain_loss(net, p, x, y):
-    """Unmasked MSE with plain autograd (independent of ``mse_loss``/``torch.func``)."""
-    return ((torch.func.functional_call(net, p, (x,)) - y) ** 2).mean()
-
-
-def _finite_difference_grad(objective, params, h=1e-6):
-    grads = {}
-    for name, value in params.items():
-        fd = torch.zeros_like(value)
-        for i in range(value.numel()):
-            plus = {k: v.clone() for k, v in params.items()}
-            minus = {k: v.clone() for k, v in params.items()}
-            plus[name].view(-1)[i] += h
-            minus[name].view(-1)[i] -= h
-            fd.view(-1)[i] = (objective(plus) - objective(minus)) / (2 * h)
-        grads[name] = fd
-    return grads
 
 
 def _higher_meta_grad(net, task, torch_optimizer, steps, names=None):
@@ -76,6 +40,18 @@ def _higher_meta_grad(net, task, torch_optimizer, steps, names=None):
         query_loss = ((fnet(task.query_x) - task.query_y) ** 2).mean()
         grads = torch.autograd.grad(query_loss, list(net.parameters()))
     return dict(zip(named, grads))
+
+
+def _flattened(params):
+    """``(flat, unflatten)``: the parameters as one vector, and the map from such a vector back to a dict."""
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+
+    def unflatten(flat):
+        return {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}
+
+    return torch.cat([params[k].reshape(-1) for k in names]), unflatten
 
 
 def _linear_problem(seed: int = 0, dim: int = 3, support: int = 4, query: int = 3):
@@ -117,10 +93,6 @@ def _stacked_tasks(m: int, seed: int, inp: int = 1, support: int = 5, query: int
     return ClientTask(x[:, :support], y[:, :support], x[:, support:], y[:, support:])
 
 
-def _client(tasks: ClientTask, i: int) -> ClientTask:
-    return ClientTask(*(None if t is None else t[i] for t in tasks))
-
-
 # ------------------------------------------------------------------- MAML vs finite differences
 
 
@@ -135,42 +107,33 @@ def _client(tasks: ClientTask, i: int) -> ClientTask:
     ],
 )
 def test_maml_second_order_matches_finite_differences(optimizer, steps):
-    _, loss_fn, params, task = _mlp_problem(seed=1)
+    _, loss_fn, params, task = mlp_problem(seed=1)
     meta, aux = maml_update(loss_fn, params, task, optimizer=optimizer, inner_steps=steps)
 
     def objective(p):
         return maml_objective(loss_fn, p, task, optimizer=optimizer, inner_steps=steps)[0]
 
-    fd = _finite_difference_grad(objective, params)
+    fd = finite_difference_grad(objective, params)
     torch.testing.assert_close(meta, fd, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(aux["query_loss"], objective(params))
     torch.testing.assert_close(aux["support_loss"], loss_fn(params, task.support_x, task.support_y, None))
 
 
 def test_maml_zero_inner_steps_is_the_query_gradient():
-    net, loss_fn, params, task = _mlp_problem(seed=2)
+    net, loss_fn, params, task = mlp_problem(seed=2)
     meta, _ = maml_update(loss_fn, params, task, optimizer=SGD(lr=0.3), inner_steps=0)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    grads = torch.autograd.grad(_plain_loss(net, leaves, task.query_x, task.query_y), list(leaves.values()))
-    torch.testing.assert_close(meta, dict(zip(leaves, grads)))
+    torch.testing.assert_close(meta, autograd_grad(net, params, task.query_x, task.query_y))
 
 
 def test_maml_one_step_formula_by_hand():
     # (I − α ∇²L_s(θ)) ∇L_q(θ − α ∇L_s(θ)) with an explicit Hessian of the flattened parameters
-    net, loss_fn, params, task = _mlp_problem(seed=3)
+    net, loss_fn, params, task = mlp_problem(seed=3)
     alpha = 0.3
     meta, _ = maml_update(loss_fn, params, task, optimizer=SGD(lr=alpha), inner_steps=1)
 
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-
-    def unflatten(flat):
-        return {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}
-
-    flat = torch.cat([params[k].reshape(-1) for k in names])
-    support_loss = lambda f: _plain_loss(net, unflatten(f), task.support_x, task.support_y)  # noqa: E731
-    query_loss = lambda f: _plain_loss(net, unflatten(f), task.query_x, task.query_y)  # noqa: E731
+    flat, unflatten = _flattened(params)
+    support_loss = lambda f: plain_mse(net, unflatten(f), task.support_x, task.support_y)  # noqa: E731
+    query_loss = lambda f: plain_mse(net, unflatten(f), task.query_x, task.query_y)  # noqa: E731
     g_s = torch.autograd.functional.jacobian(support_loss, flat)
     h_s = torch.autograd.functional.hessian(support_loss, flat)
     g_q = torch.autograd.functional.jacobian(query_loss, flat - alpha * g_s)
@@ -179,7 +142,7 @@ def test_maml_one_step_formula_by_hand():
 
 
 def test_maml_masked_padding_does_not_change_meta_gradient():
-    _, loss_fn, params, task = _mlp_problem(seed=31, support=4, query=4)
+    _, loss_fn, params, task = mlp_problem(seed=31, support=4, query=4)
     torch.manual_seed(310)
     junk_x = torch.randn(3, 1, dtype=F64) * 3
     junk_y = torch.randn(3, 1, dtype=F64) * 3
@@ -206,7 +169,7 @@ def test_maml_masked_padding_does_not_change_meta_gradient():
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_maml_sgd_matches_higher(steps):
-    net, loss_fn, params, task = _mlp_problem(seed=4, hidden=5)
+    net, loss_fn, params, task = mlp_problem(seed=4, hidden=5)
     alpha = 0.2
     meta, _ = maml_update(loss_fn, params, task, optimizer=SGD(lr=alpha), inner_steps=steps)
     expected = _higher_meta_grad(net, task, lambda ps: torch.optim.SGD(ps, lr=alpha), steps)
@@ -214,7 +177,7 @@ def test_maml_sgd_matches_higher(steps):
 
 
 def test_maml_momentum_sgd_matches_higher():
-    net, loss_fn, params, task = _mlp_problem(seed=5, hidden=5)
+    net, loss_fn, params, task = mlp_problem(seed=5, hidden=5)
     opt = SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05)
     meta, _ = maml_update(loss_fn, params, task, optimizer=opt, inner_steps=3)
     expected = _higher_meta_grad(net, task, opt.torch_optimizer, 3)
@@ -225,7 +188,7 @@ def test_maml_adam_one_step_matches_higher_with_rescaled_eps():
     # ``higher``'s DifferentiableAdam puts eps outside the bias correction,
     # θ − lr·sqrt(bc2)/bc1 · m / (sqrt(v) + eps_h), whereas torch.optim.Adam (and this package) use
     # θ − lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps). For one step they agree with eps_h = eps·sqrt(bc2).
-    net, loss_fn, params, task = _mlp_problem(seed=6, hidden=5)
+    net, loss_fn, params, task = mlp_problem(seed=6, hidden=5)
     lr, betas, eps = 0.05, (0.9, 0.999), 1e-2
     meta, _ = maml_update(loss_fn, params, task, optimizer=Adam(lr=lr, betas=betas, eps=eps), inner_steps=1)
     eps_h = eps * (1 - betas[1]) ** 0.5
@@ -235,7 +198,7 @@ def test_maml_adam_one_step_matches_higher_with_rescaled_eps():
 
 def test_maml_adam_two_steps_matches_higher():
     # with a negligible eps the eps placement above does not matter
-    net, loss_fn, params, task = _mlp_problem(seed=7, hidden=5)
+    net, loss_fn, params, task = mlp_problem(seed=7, hidden=5)
     opt = Adam(lr=0.05, betas=(0.8, 0.9), eps=1e-14)
     meta, _ = maml_update(loss_fn, params, task, optimizer=opt, inner_steps=2)
     expected = _higher_meta_grad(net, task, opt.torch_optimizer, 2)
@@ -247,7 +210,7 @@ def test_maml_adam_two_steps_matches_higher():
 
 @pytest.mark.parametrize("optimizer", [SGD(lr=0.3), Adam(lr=0.05)])
 def test_fomaml_is_query_gradient_at_detached_adapted_params(optimizer):
-    net, loss_fn, params, task = _mlp_problem(seed=8)
+    net, loss_fn, params, task = mlp_problem(seed=8)
     steps = 2
     fo, fo_aux = maml_update(loss_fn, params, task, optimizer=optimizer, inner_steps=steps, first_order=True)
     so, _ = maml_update(loss_fn, params, task, optimizer=optimizer, inner_steps=steps)
@@ -256,12 +219,9 @@ def test_fomaml_is_query_gradient_at_detached_adapted_params(optimizer):
     current = {k: v.clone() for k, v in params.items()}
     state = optimizer.init(current)
     for _ in range(steps):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in current.items()}
-        grads = torch.autograd.grad(_plain_loss(net, leaves, task.support_x, task.support_y), list(leaves.values()))
-        current, state = optimizer.step(current, dict(zip(leaves, grads)), state)
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in current.items()}
-    query_loss = _plain_loss(net, leaves, task.query_x, task.query_y)
-    expected = dict(zip(leaves, torch.autograd.grad(query_loss, list(leaves.values()))))
+        current, state = optimizer.step(current, autograd_grad(net, current, task.support_x, task.support_y), state)
+    query_loss = plain_mse(net, current, task.query_x, task.query_y)
+    expected = autograd_grad(net, current, task.query_x, task.query_y)
 
     torch.testing.assert_close(fo, expected)
     torch.testing.assert_close(fo_aux["query_loss"], query_loss.detach())
@@ -277,10 +237,10 @@ def _meta_sgd_reference(net, params, lrs, task, steps):
     fast = dict(theta)
     for _ in range(steps):
         grads = torch.autograd.grad(
-            _plain_loss(net, fast, task.support_x, task.support_y), list(fast.values()), create_graph=True
+            plain_mse(net, fast, task.support_x, task.support_y), list(fast.values()), create_graph=True
         )
         fast = {k: fast[k] - alpha[k] * g for k, g in zip(fast, grads)}
-    query_loss = _plain_loss(net, fast, task.query_x, task.query_y)
+    query_loss = plain_mse(net, fast, task.query_x, task.query_y)
     grads = torch.autograd.grad(query_loss, list(theta.values()) + list(alpha.values()))
     n = len(theta)
     return dict(zip(theta, grads[:n])), dict(zip(alpha, grads[n:]))
@@ -288,7 +248,7 @@ def _meta_sgd_reference(net, params, lrs, task, steps):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_meta_sgd_matches_plain_autograd_reference(steps):
-    net, loss_fn, params, task = _mlp_problem(seed=9)
+    net, loss_fn, params, task = mlp_problem(seed=9)
     torch.manual_seed(90)
     lrs = {k: torch.rand_like(v) * 0.3 + 0.05 for k, v in params.items()}
     (g_params, g_lrs), aux = meta_sgd_update(
@@ -301,17 +261,13 @@ def test_meta_sgd_matches_plain_autograd_reference(steps):
 
 
 def test_meta_sgd_one_step_lr_gradient_formula():
-    net, loss_fn, params, task = _mlp_problem(seed=10)
+    net, loss_fn, params, task = mlp_problem(seed=10)
     torch.manual_seed(100)
     lrs = {k: torch.rand_like(v) * 0.3 + 0.05 for k, v in params.items()}
     (_, g_lrs), _ = meta_sgd_update(loss_fn, params, lrs, task, optimizer=SGD(lr=1e-3), inner_steps=1)
 
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    g_s = torch.autograd.grad(_plain_loss(net, leaves, task.support_x, task.support_y), list(leaves.values()))
-    g_s = dict(zip(leaves, g_s))
-    adapted = {k: (params[k] - lrs[k] * g_s[k]).requires_grad_(True) for k in params}
-    g_q = torch.autograd.grad(_plain_loss(net, adapted, task.query_x, task.query_y), list(adapted.values()))
-    g_q = dict(zip(adapted, g_q))
+    g_s = autograd_grad(net, params, task.support_x, task.support_y)
+    g_q = autograd_grad(net, {k: params[k] - lrs[k] * g_s[k] for k in params}, task.query_x, task.query_y)
     torch.testing.assert_close(g_lrs, {k: -g_s[k] * g_q[k] for k in params})
 
 
@@ -319,7 +275,7 @@ def test_meta_sgd_one_step_lr_gradient_formula():
 
 
 def test_anil_equals_maml_with_adapt_names_and_higher():
-    net, loss_fn, params, task = _mlp_problem(seed=11, hidden=5)
+    net, loss_fn, params, task = mlp_problem(seed=11, hidden=5)
     opt = SGD(lr=0.25)
     anil, anil_aux = anil_update(loss_fn, params, task, head_names=HEAD, optimizer=opt, inner_steps=2)
     maml, maml_aux = maml_update(loss_fn, params, task, optimizer=opt, inner_steps=2, adapt_names=HEAD)
@@ -336,42 +292,33 @@ def test_anil_equals_maml_with_adapt_names_and_higher():
 
 
 def test_anil_matches_finite_differences():
-    _, loss_fn, params, task = _mlp_problem(seed=12)
+    _, loss_fn, params, task = mlp_problem(seed=12)
     opt = SGD(lr=0.2, momentum=0.5)
     anil, _ = anil_update(loss_fn, params, task, head_names=HEAD, optimizer=opt, inner_steps=2)
 
     def objective(p):
         return maml_objective(loss_fn, p, task, optimizer=opt, inner_steps=2, adapt_names=HEAD)[0]
 
-    torch.testing.assert_close(anil, _finite_difference_grad(objective, params), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(anil, finite_difference_grad(objective, params), rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------- Per-FedAvg
 
 
 def test_hvp_equals_hessian_times_vector():
-    net, loss_fn, params, task = _mlp_problem(seed=13, inp=2, hidden=3, out=2)
+    net, loss_fn, params, task = mlp_problem(seed=13, inp=2, hidden=3, out=2)
     torch.manual_seed(130)
     vector = {k: torch.randn_like(v) for k, v in params.items()}
     result = hvp(lambda p: loss_fn(p, task.support_x, task.support_y, None), params, vector)
 
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-
-    def f(flat):
-        p = {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}
-        return _plain_loss(net, p, task.support_x, task.support_y)
-
-    flat = torch.cat([params[k].reshape(-1) for k in names])
-    hessian = torch.autograd.functional.hessian(f, flat)
-    hv = hessian @ torch.cat([vector[k].reshape(-1) for k in names])
-    expected = {k: c.reshape(s) for k, c, s in zip(names, hv.split(sizes), shapes)}
+    flat, unflatten = _flattened(params)
+    hessian = torch.autograd.functional.hessian(lambda f: plain_mse(net, unflatten(f), task.support_x, task.support_y), flat)
+    expected = unflatten(hessian @ _flattened(vector)[0])
     torch.testing.assert_close(result, expected)
 
 
 def test_per_fedavg_hf_support_one_step_equals_maml_gradient():
-    _, loss_fn, params, task = _mlp_problem(seed=14)
+    _, loss_fn, params, task = mlp_problem(seed=14)
     alpha = 0.2
     opt = SGD(lr=alpha)
     update, _ = per_fedavg_update(
@@ -385,19 +332,14 @@ def test_per_fedavg_hf_support_one_step_equals_maml_gradient():
 def _hessian_vector(net, params, x, y, vector):
     """∇²L(θ)·v with plain double-backward autograd."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    grads = torch.autograd.grad(_plain_loss(net, leaves, x, y), list(leaves.values()), create_graph=True)
+    grads = torch.autograd.grad(plain_mse(net, leaves, x, y), list(leaves.values()), create_graph=True)
     dot = sum((g * vector[k]).sum() for g, k in zip(grads, leaves))
     return dict(zip(leaves, torch.autograd.grad(dot, list(leaves.values()))))
 
 
-def _grad_at(net, params, x, y):
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    return dict(zip(leaves, torch.autograd.grad(_plain_loss(net, leaves, x, y), list(leaves.values()))))
-
-
 @pytest.mark.parametrize("local_steps", [1, 2])
 def test_per_fedavg_hf_query_split_equals_hand_formula(local_steps):
-    net, loss_fn, params, task = _mlp_problem(seed=15, support=4, query=5)
+    net, loss_fn, params, task = mlp_problem(seed=15, support=4, query=5)
     alpha, beta = 0.2, 0.5
     update, aux = per_fedavg_update(
         loss_fn, params, task, optimizer=SGD(lr=alpha), alpha=alpha, beta=beta, local_steps=local_steps,
@@ -407,18 +349,18 @@ def test_per_fedavg_hf_query_split_equals_hand_formula(local_steps):
     d2_x, d2_y = task.query_x[2:], task.query_y[2:]  # D''
     theta = dict(params)
     for _ in range(local_steps):
-        g = _grad_at(net, theta, task.support_x, task.support_y)
+        g = autograd_grad(net, theta, task.support_x, task.support_y)
         tilde = {k: theta[k] - alpha * g[k] for k in theta}
-        g_q = _grad_at(net, tilde, d1_x, d1_y)
+        g_q = autograd_grad(net, tilde, d1_x, d1_y)
         hv = _hessian_vector(net, theta, d2_x, d2_y, g_q)
         theta = {k: theta[k] - beta * (g_q[k] - alpha * hv[k]) for k in theta}
     torch.testing.assert_close(update, {k: params[k] - theta[k] for k in params})
-    torch.testing.assert_close(aux["support_loss"], _plain_loss(net, params, task.support_x, task.support_y))
+    torch.testing.assert_close(aux["support_loss"], plain_mse(net, params, task.support_x, task.support_y))
 
 
 @pytest.mark.parametrize("local_steps", [1, 3])
 def test_per_fedavg_fo_equals_hand_formula(local_steps):
-    net, loss_fn, params, task = _mlp_problem(seed=16)
+    net, loss_fn, params, task = mlp_problem(seed=16)
     alpha, beta = 0.3, 0.4
     update, aux = per_fedavg_update(
         loss_fn, params, task, optimizer=SGD(lr=alpha), alpha=alpha, beta=beta, local_steps=local_steps, variant="fo"
@@ -426,18 +368,18 @@ def test_per_fedavg_fo_equals_hand_formula(local_steps):
     theta = dict(params)
     first_query_loss = None
     for _ in range(local_steps):
-        g = _grad_at(net, theta, task.support_x, task.support_y)
+        g = autograd_grad(net, theta, task.support_x, task.support_y)
         tilde = {k: theta[k] - alpha * g[k] for k in theta}
         if first_query_loss is None:
-            first_query_loss = _plain_loss(net, tilde, task.query_x, task.query_y)
-        g_q = _grad_at(net, tilde, task.query_x, task.query_y)
+            first_query_loss = plain_mse(net, tilde, task.query_x, task.query_y)
+        g_q = autograd_grad(net, tilde, task.query_x, task.query_y)
         theta = {k: theta[k] - beta * g_q[k] for k in theta}
     torch.testing.assert_close(update, {k: params[k] - theta[k] for k in params})
     torch.testing.assert_close(aux["query_loss"], first_query_loss)
 
 
 def test_per_fedavg_hf_differs_from_fo():
-    _, loss_fn, params, task = _mlp_problem(seed=17)
+    _, loss_fn, params, task = mlp_problem(seed=17)
     kw = dict(optimizer=SGD(lr=0.3), alpha=0.3, beta=0.5)
     fo, _ = per_fedavg_update(loss_fn, params, task, variant="fo", **kw)
     hf, _ = per_fedavg_update(loss_fn, params, task, variant="hf", hessian_batch="support", **kw)
@@ -570,10 +512,10 @@ def _rules():
 @pytest.mark.parametrize("rule", list(_rules()))
 def test_vmap_over_clients_equals_loop(rule):
     fn = _rules()[rule]
-    _, loss_fn, params, _ = _mlp_problem(seed=23)
+    _, loss_fn, params, _ = mlp_problem(seed=23)
     tasks = _stacked_tasks(4, seed=24)
     batched = torch.func.vmap(lambda t: fn(loss_fn, params, t), in_dims=(ClientTask(0, 0, 0, 0, None, None),))(tasks)
-    looped = _stack([fn(loss_fn, params, _client(tasks, i)) for i in range(4)])
+    looped = _stack([fn(loss_fn, params, client_task(tasks, i)) for i in range(4)])
     torch.testing.assert_close(batched, looped)
     # the clients differ, so the per-client results do too
     leaf = batched[0] if isinstance(batched[0], dict) else batched[0][0]
@@ -582,7 +524,7 @@ def test_vmap_over_clients_equals_loop(rule):
 
 
 def test_vmap_with_masks_equals_loop():
-    _, loss_fn, params, _ = _mlp_problem(seed=25)
+    _, loss_fn, params, _ = mlp_problem(seed=25)
     tasks = _stacked_tasks(4, seed=26)
     torch.manual_seed(260)
     support_mask = (torch.rand(4, 5) > 0.3).to(F64)
@@ -597,7 +539,7 @@ def test_vmap_with_masks_equals_loop():
         lambda t: fedavg_update(loss_fn, params, t, optimizer=opt, batch_size=4),
     ]:
         batched = torch.func.vmap(fn, in_dims=(ClientTask(0, 0, 0, 0, 0, 0),))(tasks)
-        looped = _stack([fn(_client(tasks, i)) for i in range(4)])
+        looped = _stack([fn(client_task(tasks, i)) for i in range(4)])
         torch.testing.assert_close(batched, looped)
 
 

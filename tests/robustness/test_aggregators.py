@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import stacked
 
 from lightning_metafed.aggregators import (
     Bucketing,
@@ -13,10 +14,6 @@ from lightning_metafed.aggregators import (
     TrimmedMean,
     update_norms,
 )
-
-
-def stacked(*rows):
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def test_coordinate_median_by_hand():

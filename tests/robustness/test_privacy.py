@@ -5,19 +5,14 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import mlp, quiet_trainer, sinusoid_batch
+from conftest import FIT_WITHOUT_VALIDATION, loader, mlp, quiet_trainer, sinusoid_batch, stacked
 from opacus.accountants import PRVAccountant, RDPAccountant
-from torch.utils.data import DataLoader
 
 import lightning_metafed as lm
 from lightning_metafed.aggregators import TrimmedMean
 from lightning_metafed.data import SinusoidClients
 from lightning_metafed.inner import SGD
 from lightning_metafed.privacy import ClientDP
-
-
-def stacked(*rows):
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def test_clipping_by_hand_and_zero_noise_gives_the_clipped_sum_over_sampled_clients():
@@ -83,10 +78,11 @@ def test_accountant_and_noise_seed_survive_a_checkpoint(tmp_path):
     path = tmp_path / "dp.ckpt"
     trainer.save_checkpoint(path)
     restored = lm.MAML.load_from_checkpoint(path, net=mlp().float())
-    assert restored._accountant.history == model._accountant.history == [(1.0, 5 / 40, 3)]
+    assert restored.ledgers.privacy.accountant.history == model.ledgers.privacy.accountant.history == [(1.0, 5 / 40, 3)]
     assert restored.privacy_spent() == pytest.approx(model.privacy_spent())
 
 
+@FIT_WITHOUT_VALIDATION
 def test_dp_errors_are_clear_before_training():
     with pytest.raises(ValueError, match="`aggregator` must be the default Mean"):
         lm.MAML(mlp(), privacy=ClientDP(), aggregator=TrimmedMean(0.1))
@@ -98,7 +94,7 @@ def test_dp_errors_are_clear_before_training():
         ClientDP(accountant="moments")
     model = lm.MAML(mlp(), privacy=ClientDP())
     with pytest.raises(ValueError, match="ClientDP\\(sample_rate=...\\)"):
-        quiet_trainer(max_steps=1).fit(model, DataLoader([sinusoid_batch(3)], batch_size=None))
+        quiet_trainer(max_steps=1).fit(model, loader(sinusoid_batch(3)))
     sized = SinusoidClients(num_clients=20, clients_per_round=2, client_sampling="size", support_size=5, query_size=5)
     with pytest.raises(ValueError, match="uniform client sampling"):
         quiet_trainer(max_steps=1).fit(lm.MAML(mlp().float(), privacy=ClientDP()), datamodule=sized)
@@ -111,7 +107,7 @@ def test_a_drawn_noise_seed_is_never_written_to_a_checkpoint(tmp_path):
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(tmp_path / "dp.ckpt")
     checkpoint = torch.load(tmp_path / "dp.ckpt", weights_only=False)
-    assert model._dp_seed is not None and str(model._dp_seed) not in repr(checkpoint)  # the noise cannot be regenerated
+    assert model.ledgers.privacy.noise_seed is not None and str(model.ledgers.privacy.noise_seed) not in repr(checkpoint)  # the noise cannot be regenerated
     assert checkpoint["metafed_privacy"]["accountant"]["history"] == [(1.0, 5 / 40, 2)]
 
 
@@ -125,10 +121,10 @@ def test_testing_an_earlier_checkpoint_does_not_roll_back_privacy_spent_or_count
     trainer.fit(model, datamodule=data)
     spent, comm = model.privacy_spent(), dict(model.communication)
     trainer.test(model, datamodule=data, ckpt_path=str(tmp_path / "step=2.ckpt"), verbose=False)
-    assert model._accountant.history == [(1.0, 5 / 40, 6)] and model.privacy_spent() == spent
+    assert model.ledgers.privacy.accountant.history == [(1.0, 5 / 40, 6)] and model.privacy_spent() == spent
     assert model.communication == comm and comm["rounds"] == 6
     restored = lm.MAML.load_from_checkpoint(tmp_path / "step=2.ckpt", net=mlp().float())  # a fresh module restores
-    assert restored._accountant.history == [(1.0, 5 / 40, 2)] and restored.communication["rounds"] == 2
+    assert restored.ledgers.privacy.accountant.history == [(1.0, 5 / 40, 2)] and restored.communication["rounds"] == 2
 
 
 def test_without_noise_epsilon_is_infinite_for_both_accountants():

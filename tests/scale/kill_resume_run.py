@@ -74,7 +74,7 @@ def main(out: Path, sleep: float, resume: bool) -> None:
     trainer.fit(model, datamodule=data, ckpt_path=latest_checkpoint(ckpts) if resume else None)
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     torch.save({"state": state, "comm": dict(model.communication), "faults": dict(model.fault_counts),
-                "privacy": model._accountant.history, "start_step": progress.start_step,
+                "privacy": model.ledgers.privacy.accountant.history, "start_step": progress.start_step,
                 "global_step": trainer.global_step}, out / "final.pt")
 
 

@@ -1,0 +1,43 @@
+"""The server side of one round, without Lightning: shared by the Lightning module and Flower.
+
+- :mod:`~lightning_metafed.round.pipeline`: the stages (faults → client computation → screening →
+  aggregation or DP) and the :class:`RoundResult` a round returns; :func:`server_step`.
+- :mod:`~lightning_metafed.round.computation`: the clients' uploads, or the fast path's mean gradient.
+- :mod:`~lightning_metafed.round.clients`: vmap / loop / chunks / compile over clients; DDP shares.
+- :mod:`~lightning_metafed.round.ledgers`: communication, fault and privacy bookkeeping (checkpointed).
+- :mod:`~lightning_metafed.round.state`: the per-client state seam.
+"""
+
+from lightning_metafed.round.clients import ClientRunner, World
+from lightning_metafed.round.computation import ClientComputation, Uploads
+from lightning_metafed.round.ledgers import CommunicationMeter, FaultLedger, PrivacyLedger, RoundLedgers
+from lightning_metafed.round.pipeline import (
+    Aggregation,
+    RoundCounts,
+    RoundPipeline,
+    RoundResult,
+    UploadScreen,
+    sample_survivors,
+    server_step,
+)
+from lightning_metafed.round.state import ClientStateStore, InMemoryClientState
+
+__all__ = [
+    "Aggregation",
+    "ClientComputation",
+    "ClientRunner",
+    "ClientStateStore",
+    "CommunicationMeter",
+    "FaultLedger",
+    "InMemoryClientState",
+    "PrivacyLedger",
+    "RoundCounts",
+    "RoundLedgers",
+    "RoundPipeline",
+    "RoundResult",
+    "UploadScreen",
+    "Uploads",
+    "World",
+    "sample_survivors",
+    "server_step",
+]

@@ -1,0 +1,211 @@
+"""One communication round, server side, as a pipeline of small stages:
+
+    sample survivors (faults) → client computation (fast path or uploads, DDP shares)
+      → attack injection and screening → aggregation or DP → RoundResult → server step
+
+:meth:`RoundPipeline.run` reads top to bottom; each stage is a function or a small frozen object
+with typed inputs and outputs. The round returns a :class:`RoundResult` value; the owner (the
+Lightning module, or the Flower server) records it in its ledgers and takes the server step with
+:func:`server_step`. The Flower server runs the same :class:`UploadScreen`, :class:`Aggregation`
+and :func:`server_step` on the uploads it receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_metafed.aggregators import Aggregator
+from lightning_metafed.communication import payload_bytes
+from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.faults import ClientFaults
+from lightning_metafed.functional.aggregate import finite_clients
+from lightning_metafed.functional.client_task import Aux, Params
+from lightning_metafed.privacy import ClientDP
+from lightning_metafed.round.computation import ClientComputation, Uploads
+
+__all__ = ["Aggregation", "RoundCounts", "RoundPipeline", "RoundResult", "UploadScreen", "sample_survivors", "server_step"]
+
+
+@dataclass(frozen=True)
+class RoundCounts:
+    """How many clients a round sampled, kept, saw attack, rejected, and (under DP) clipped."""
+
+    sampled: int
+    survivors: int
+    byzantine: int = 0
+    rejected: int = 0
+    clipped: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.sampled - self.survivors
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round produced.
+
+    Attributes:
+        aggregate: the server pseudo-gradient ``{name: tensor}``; ``None`` when no client survived
+            (the server step is skipped).
+        diagnostics: the means over clients of their diagnostics (e.g. ``query_loss``).
+        counts: the round's client counts.
+        download_bytes: what one client receives (the parameters).
+        upload_bytes: what one client sends (its update); ``0`` when nobody uploaded.
+        client_state: ``(client_id, {name: [k, ...]})`` new per-client state of the accepted
+            clients, to be written back by the owner of the store; ``None`` without state.
+    """
+
+    aggregate: Params | None
+    diagnostics: dict[str, Tensor]
+    counts: RoundCounts
+    download_bytes: int
+    upload_bytes: int
+    client_state: tuple[object, Params] | None = None
+
+
+def sample_survivors(
+    batch: TaskBatch, faults: ClientFaults | None, round_idx: int, step_bound: tuple[str, int] | None
+) -> TaskBatch | None:
+    """The round's surviving clients with their step budgets; ``None`` when every client dropped out.
+
+    ``step_bound`` is ``(argument, value)`` that a step budget may not exceed (``None``: any).
+    """
+    if faults is None:
+        return batch
+    m = batch.num_clients
+    if faults.step_choices is not None:
+        if step_bound is not None and faults.max_steps > step_bound[1]:
+            raise ValueError(
+                f"Expected every `faults.step_choices` value <= `{step_bound[0]}` = {step_bound[1]} (the full local work), "
+                f"got {faults.step_choices}"
+            )
+        batch = replace(batch, num_steps=faults.num_steps(round_idx, m).to(batch.support_x.device))
+    dropped = faults.dropped(round_idx, m)
+    if dropped.all():
+        return None
+    return batch[~dropped] if dropped.any() else batch
+
+
+@dataclass(frozen=True)
+class UploadScreen:
+    """Byzantine clients' uploads replaced by their attack (``faults``); non-finite uploads dropped
+    (``reject_nonfinite``). A round where every upload is non-finite raises."""
+
+    faults: ClientFaults | None = None
+    reject_nonfinite: bool = True
+    #: Warn when an upload is rejected (the module warns at the first rejection of a run only).
+    warn: bool = True
+
+    def __call__(self, uploads: Uploads, round_idx: int, counts: RoundCounts) -> tuple[Uploads, RoundCounts]:
+        m = uploads.num_clients
+        if self.faults is not None and self.faults.byzantine_fraction > 0:
+            bad = self.faults.byzantine(round_idx, uploads.client_id, m)
+            counts = replace(counts, byzantine=int(bad.sum()))
+            uploads = replace(uploads, updates=self.faults.attack(uploads.updates, bad, round_idx))
+        if not self.reject_nonfinite:
+            return uploads, counts
+        finite = finite_clients(uploads.updates)
+        rejected = m - int(finite.sum())
+        if rejected == 0:
+            return uploads, counts
+        if rejected == m:
+            raise FloatingPointError(
+                f"Round {round_idx}: every one of the {m} client uploads holds NaN/inf (the clients' inner "
+                "loops diverged or their data holds NaN/inf); lower the inner or server learning rate"
+            )
+        if self.warn:
+            rank_zero_warn(
+                f"Round {round_idx}: rejected {rejected} of {m} client uploads holding NaN/inf; rejections "
+                "are counted in `robust/rejected` and `robust/rejected_total`."
+            )
+        return uploads.keep(finite), replace(counts, rejected=rejected)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The screened uploads combined: the ``aggregator``, or client-level DP (``privacy``, with
+    the fit's ``noise_seed``), which divides by the number of *sampled* clients."""
+
+    aggregator: Aggregator
+    privacy: ClientDP | None = None
+    noise_seed: int | None = None
+
+    def __call__(self, uploads: Uploads, round_idx: int, counts: RoundCounts) -> tuple[Params, RoundCounts]:
+        if self.privacy is None:
+            weights = uploads.weights if self.aggregator.uses_weights else None
+            return self.aggregator(uploads.updates, weights), counts
+        aggregate, norms = self.privacy.aggregate(uploads.updates, counts.sampled, self.noise_seed, round_idx)
+        return aggregate, replace(counts, clipped=int((norms > self.privacy.clip_norm).sum()))
+
+
+def all_finite(values: Mapping[str, Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(v).all() for v in values.values()]).all())  # one sync
+
+
+def check_finite_aggregate(aggregate: Mapping[str, Tensor], round_idx: int) -> None:
+    if not all_finite(aggregate):
+        name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
+        raise FloatingPointError(
+            f"Round {round_idx}: the aggregated update of parameter {name!r} is not finite "
+            "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate"
+        )
+
+
+@dataclass(frozen=True)
+class RoundPipeline:
+    """The stages of one round. ``fast_path``: use the computation's mean gradient when the
+    aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way)."""
+
+    computation: ClientComputation
+    screen: UploadScreen
+    aggregation: Aggregation
+    faults: ClientFaults | None = None
+    step_bound: tuple[str, int] | None = None
+    fast_path: bool = False
+
+    def run(self, batch: TaskBatch, params: Mapping[str, Tensor], round_idx: int) -> RoundResult:
+        sampled = batch.num_clients
+        self.computation.world.check_round(sampled)
+        download = payload_bytes(params)  # every sampled client receives the parameters
+        survivors = sample_survivors(batch, self.faults, round_idx, self.step_bound)
+        counts = RoundCounts(sampled=sampled, survivors=0 if survivors is None else survivors.num_clients)
+        if survivors is None:
+            return RoundResult(None, {}, counts, download, 0)
+        weights = survivors.weight if self.aggregation.aggregator.uses_weights else None
+        if self.fast_path:
+            aggregate, aux = self.computation.mean_gradient(params, survivors, weights)
+            if all_finite(aggregate) or not self.screen.reject_nonfinite:
+                check_finite_aggregate(aggregate, round_idx)
+                return RoundResult(aggregate, _means(aux), counts, download, download)
+            # A client diverged: compute the uploads one by one to find and drop it.
+        meta = {k: p.detach() for k, p in params.items()}
+        uploads = self.computation.uploads(meta, survivors, weights)
+        uploads, counts = self.screen(uploads, round_idx, counts)
+        aggregate, counts = self.aggregation(uploads, round_idx, counts)
+        check_finite_aggregate(aggregate, round_idx)
+        state = None if uploads.state is None else (uploads.client_id, uploads.state)
+        return RoundResult(aggregate, _means(uploads.aux), counts, download, uploads.bytes_per_client, state)
+
+
+def _means(aux: Aux) -> dict[str, Tensor]:
+    return {k: v.mean() for k, v in aux.items()}
+
+
+def server_step(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], aggregate: Params | None, grad_scale: float = 1.0) -> None:
+    """The server optimizer's step with ``.grad`` = the aggregate (``None``: no gradient at all, so the
+    optimizer leaves every parameter and its state alone; the step still counts).
+
+    ``grad_scale``: the loss scale of a mixed-precision gradient scaler that will divide ``.grad``
+    by it in the step (``1`` without one), so the parameters move by the aggregate itself.
+    """
+    optimizer.zero_grad(set_to_none=aggregate is None)
+    if aggregate is not None:
+        for name, p in params.items():
+            p.grad = (aggregate[name] * grad_scale if grad_scale != 1.0 else aggregate[name]).to(p.dtype)
+    optimizer.step()
