@@ -24,7 +24,7 @@ import torch
 
 from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.datamodule import stack_tasks
-from lightning_metafed.round import Aggregation, RoundCounts, Uploads, UploadScreen, server_step
+from lightning_metafed.round import Aggregation, RoundCounts, Uploads, UploadScreen, screen_and_aggregate, server_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import RecordDict
@@ -92,6 +92,11 @@ def server_message(model: MetaFedModule, round_idx: int) -> RecordDict:
 def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
     """Client ``partition``: load the meta-parameters, adapt on its own data, return its update."""
     app = require_flwr()
+    if model.client_state is not None:
+        raise ValueError(
+            f"{type(model).__name__} keeps per-client state (`client_state`), which the Flower deployment does not "
+            "carry between rounds yet; run it with `metafed fit`."
+        )
     _load_parameters(model, content["arrays"])
     round_idx = int(content["config"]["round"])
     train = data.population("train")
@@ -140,8 +145,8 @@ def server_update(
     a server-optimizer step; returns the mean of the accepted clients' metrics.
 
     The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
-    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest and
-    :func:`~lightning_metafed.round.server_step` applies them. The module's simulated ``faults`` do
+    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest, a
+    non-finite aggregate raises, and :func:`~lightning_metafed.round.server_step` applies it. The module's simulated ``faults`` do
     not apply (a deployment has real ones), and ``privacy`` is refused: this server step adds no
     noise, so it would not give the guarantee the config asks for.
     """
@@ -153,8 +158,7 @@ def server_update(
     uploads, replies = replies_to_uploads(replies)
     counts = RoundCounts(sampled=len(replies), survivors=len(replies))
     screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
-    uploads, counts = screen(uploads, round_idx, counts)
-    aggregate, counts = Aggregation(model.aggregator)(uploads, round_idx, counts)
+    aggregate, uploads, _ = screen_and_aggregate(uploads, screen, Aggregation(model.aggregator), round_idx, counts)
     server_step(optimizer, dict(model.named_parameters()), aggregate)
     accepted = set(uploads.client_id)
     replies = [r for r in replies if int(r["metrics"]["partition"]) in accepted]  # rejected clients' metrics are left out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -159,7 +160,10 @@ def quiet_trainer(**overrides) -> pl.Trainer:
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    return pl.Trainer(**{**defaults, **overrides})
+    with warnings.catch_warnings():
+        # the CPU is chosen on purpose (tiny float64 runs); on a GPU host Lightning would point that out each time
+        warnings.filterwarnings("ignore", "GPU available but not used", UserWarning)
+        return pl.Trainer(**{**defaults, **overrides})
 
 
 #: For tests that fit on a bare training DataLoader on purpose (validation has its own tests): Lightning's

@@ -9,9 +9,7 @@ One ``training_step`` is one communication round::
       → ledgers (communication, faults, privacy) record the result; metrics are logged
 
 Subclasses implement :meth:`client_update` (one client, pure) and, when the update is the gradient
-of a per-client loss, :meth:`client_objective`, which enables the one-backward fast path.
-Evaluation lives in :mod:`~lightning_metafed.algorithms.evaluation`, inner-loop backends in
-:mod:`~lightning_metafed.algorithms.backends`.
+of a per-client loss, :meth:`client_objective` (the one-backward fast path). See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_metafed.aggregators import Aggregator, Mean
@@ -30,7 +28,7 @@ from lightning_metafed.algorithms import evaluation
 from lightning_metafed.algorithms.arguments import as_batch, check_common_arguments, check_net, check_norm_layers, resolve_adapt_names
 from lightning_metafed.algorithms.backends import make_backend
 from lightning_metafed.algorithms.bookkeeping import LedgerHooks
-from lightning_metafed.algorithms.trainer_access import attached_trainer, grad_scale, is_logging_step, round_world
+from lightning_metafed.algorithms.trainer_access import attached_trainer, grad_scaler, is_logging_step, round_world
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.adapt import iterate_adaptation
@@ -128,7 +126,7 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         self.privacy = privacy
         self.reject_nonfinite = bool(reject_nonfinite)
         vectorized = vectorize and self.backend.vectorizable
-        self.runner = ClientRunner(type(self).__name__, vectorized, client_chunk_size, bool(compile_clients))
+        self.runner = ClientRunner(type(self).__name__, vectorized, client_chunk_size, bool(compile_clients), rank_zero_warn)
         self.ledgers = RoundLedgers(faults, self.reject_nonfinite, privacy)
         self.evaluator = evaluation.Evaluator()
 
@@ -214,7 +212,8 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
     def client_updates_with_aux(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """Per-client uploads ``{name: [m, *shape]}`` and per-client diagnostics ``{name: [m]}``."""
         batch = as_batch(batch)
-        return self.runner.map(self.client_update, (self.meta_parameters(detach=True),), (batch.tasks(),), compiled=True)[:2]
+        per_client = (batch.tasks(),) if self.client_state is None else (batch.tasks(), self.client_state.gather(batch.client_id))
+        return self.runner.map(self.client_update, (self.meta_parameters(detach=True),), per_client, compiled=True)[:2]
 
     def client_updates(self, batch: TaskBatch) -> Params:
         """What each of the batch's clients uploads: ``{module param name: [m, *param.shape]}``.
@@ -231,19 +230,22 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
 
     def round_pipeline(self) -> RoundPipeline:
         """The stages of this module's round (see :mod:`lightning_metafed.round.pipeline`)."""
-        privacy = self.ledgers.privacy
+        privacy, scaler = self.ledgers.privacy, grad_scaler(attached_trainer(self))
         computation = ClientComputation(self.client_update, self.runner, round_world(self), self.client_objective, self.client_state)
+        first_rejection = self.fault_counts["rejected_uploads"] == 0
         return RoundPipeline(
             computation=computation,
-            screen=UploadScreen(self.faults, self.reject_nonfinite, warn=self.fault_counts["rejected_uploads"] == 0),
+            screen=UploadScreen(self.faults, self.reject_nonfinite, warn_rejections=first_rejection, warn=rank_zero_warn),
             aggregation=Aggregation(self.aggregator, self.privacy, None if privacy is None else privacy.seed()),
             faults=self.faults,
             step_bound=self.local_step_bound(),
             fast_path=self._use_fast_path(),
+            loss_scale=1.0 if scaler is None else float(scaler.get_scale()),
         )
 
     def run_round(self, batch: TaskBatch) -> RoundResult:
-        """One round's result from the current meta-parameters (changes nothing)."""
+        """One round's result from the current meta-parameters; parameters, optimizer, ledgers and
+        client state are left as they were (the owner applies the result)."""
         return self.round_pipeline().run(as_batch(batch), dict(self.named_parameters()), self.global_step)
 
     def round_gradients(self, batch: TaskBatch) -> tuple[Params | None, dict[str, Tensor]]:
@@ -252,7 +254,9 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         result = self.run_round(batch)
         self.ledgers.communication.record(result)
         for name, p in self.named_parameters():
-            p.grad = None if result.aggregate is None else result.aggregate[name].to(p.dtype)
+            p.grad = None if result.aggregate is None or not p.requires_grad else result.aggregate[name].to(p.dtype)
+        if result.new_state is not None:
+            self.client_state.write(result.new_state.client_id, result.new_state.rows)
         return result.aggregate, result.diagnostics
 
     # ------------------------------------------------------------------------------------- lifecycle
@@ -282,13 +286,14 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         if result.aggregate is None:
             rank_zero_info(f"Round {self.global_step}: all {batch.num_clients} sampled clients dropped out; server step skipped")
         optimizer = self.optimizers()
-        server_step(optimizer, dict(self.named_parameters()), result.aggregate, grad_scale(self.trainer))
+        scaler = grad_scaler(self.trainer)
+        server_step(optimizer, dict(self.named_parameters()), result.aggregate, None if scaler is None else scaler.scale)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         self.ledgers.record(result)
-        if result.client_state is not None:
-            self.client_state.write(*result.client_state)
+        if result.new_state is not None:
+            self.client_state.write(result.new_state.client_id, result.new_state.rows)
         self.log_round(result, batch.num_clients, logging_step, optimizer)
         meta_loss = result.diagnostics.get("query_loss", result.diagnostics.get("support_loss"))
         return meta_loss.detach() if meta_loss is not None else None

@@ -11,11 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_metafed.algorithms.trainer_access import attached_trainer
 from lightning_metafed.round import RoundLedgers, RoundResult
 
-__all__ = ["CHECKPOINT_FORMAT", "LedgerHooks"]
+__all__ = ["CHECKPOINT_FORMAT", "CLIENT_STATE_KEY", "LedgerHooks"]
 
 #: Layout version of what a module adds to a checkpoint (0: written before the version was recorded;
 #: formats 0 and 1 hold the same keys).
 CHECKPOINT_FORMAT = 1
+#: Where a per-client state store with ``state_dict``/``load_state_dict`` is kept in a checkpoint.
+CLIENT_STATE_KEY = "metafed_client_state"
 
 
 class LedgerHooks:
@@ -50,6 +52,9 @@ class LedgerHooks:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.ledgers.state_dict())
+        store = getattr(self, "client_state", None)
+        if store is not None and hasattr(store, "state_dict"):
+            checkpoint[CLIENT_STATE_KEY] = store.state_dict()
         checkpoint["metafed_format"] = CHECKPOINT_FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -61,6 +66,9 @@ class LedgerHooks:
             )
         if self._fitting():
             self.ledgers.load_state_dict(checkpoint)
+            store = getattr(self, "client_state", None)
+            if store is not None and CLIENT_STATE_KEY in checkpoint:
+                store.load_state_dict(checkpoint[CLIENT_STATE_KEY])
         # Else evaluating a checkpoint (e.g. test of the best one after fit) loads its weights only:
         # the run's communication, fault counts and privacy spent so far must not roll back.
 

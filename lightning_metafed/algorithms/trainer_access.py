@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 from lightning_metafed.round import World
 
-__all__ = ["attached_trainer", "grad_scale", "is_logging_step", "round_world"]
+__all__ = ["attached_trainer", "grad_scaler", "is_logging_step", "round_world"]
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -39,8 +39,8 @@ def is_logging_step(trainer: pl.Trainer | None) -> bool:
     return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
 
-def grad_scale(trainer: pl.Trainer) -> float:
-    """The loss scale of a mixed-precision gradient scaler (``1`` without one): the scaler divides
-    ``.grad`` by it in the optimizer step, so the server step multiplies the aggregate by it first."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None else 1.0
+def grad_scaler(trainer: pl.Trainer | None) -> Any:
+    """The mixed-precision gradient scaler (``torch.amp.GradScaler``) of ``precision="16-mixed"``, or
+    ``None``. It divides ``.grad`` by its scale in the optimizer step, so the server step writes
+    ``scaler.scale(aggregate)``; the fast path's backward runs on the loss times that scale."""
+    return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)

@@ -16,8 +16,10 @@ from lightning_metafed.round.pipeline import (
     RoundCounts,
     RoundPipeline,
     RoundResult,
+    StateRows,
     UploadScreen,
     sample_survivors,
+    screen_and_aggregate,
     server_step,
 )
 from lightning_metafed.round.state import ClientStateStore, InMemoryClientState
@@ -35,9 +37,11 @@ __all__ = [
     "RoundLedgers",
     "RoundPipeline",
     "RoundResult",
+    "StateRows",
     "UploadScreen",
     "Uploads",
     "World",
     "sample_survivors",
+    "screen_and_aggregate",
     "server_step",
 ]

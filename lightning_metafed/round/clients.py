@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import warnings
+
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -58,10 +59,19 @@ class ClientRunner:
 
     Args:
         owner: the name used in the fallback warning (the algorithm's class name).
+        warn: how the fallback warning is given (default: ``warnings.warn``).
     """
 
-    def __init__(self, owner: str, vectorize: bool = True, chunk_size: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        owner: str,
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+        compile: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.owner = owner
+        self.warn = warn if warn is not None else (lambda message: warnings.warn(message, UserWarning, stacklevel=4))
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self.compile = compile
@@ -103,7 +113,7 @@ class ClientRunner:
         outputs = stack_outputs([fn(*shared, *(client_slice(v, i) for v in per_client)) for i in range(m)])
         if vmap_error is not None:
             self.vmap_error = vmap_error
-            rank_zero_warn(
+            self.warn(
                 f"torch.func.vmap could not vectorize {self.owner}'s clients ({vmap_error.splitlines()[0]}); "
                 "falling back to a per-client loop, which gives the same results more slowly."
             )
@@ -156,6 +166,8 @@ class World:
         if not self.splits(m):
             return dict(values)
         names = list(values)
+        if len({(v.dtype, v.device) for v in values.values()}) > 1:  # one collective per tensor then
+            return {k: self.all_reduce_sum(v) for k, v in values.items()}
         flat = self.all_reduce_sum(torch.cat([values[k].reshape(-1) for k in names]))
         sizes = [values[k].numel() for k in names]
         return {k: chunk.view_as(values[k]) for k, chunk in zip(names, torch.split(flat, sizes))}

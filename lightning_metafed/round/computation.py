@@ -75,14 +75,14 @@ class ClientComputation:
         world: the processes sharing the round (each computes a share).
         objective: ``objective(meta, task) -> (loss, aux)`` whose gradient is the upload (enables
             :meth:`mean_gradient`), or ``None``.
-        state: the per-client state store, or ``None`` for stateless clients.
+        state_store: the per-client state store, or ``None`` for stateless clients.
     """
 
     update: Callable[..., tuple[Any, ...]]
     runner: ClientRunner
     world: World = World()
     objective: Callable[..., tuple[Tensor, Aux]] | None = None
-    state: ClientStateStore | None = None
+    state_store: ClientStateStore | None = None
 
     def uploads(self, meta: Mapping[str, Tensor], batch: TaskBatch, weights: Tensor | None) -> Uploads:
         """Every client's upload (this process computes its share; the shares are gathered)."""
@@ -90,12 +90,12 @@ class ClientComputation:
         lo, hi = self.world.share(m)
         part = batch[lo:hi]
         per_client: tuple[Any, ...] = (part.tasks(),)
-        if self.state is not None:
-            per_client += (self.state.gather(part.client_id),)
+        if self.state_store is not None:
+            per_client += (self.state_store.gather(part.client_id),)
         out = self.runner.map(self.update, (dict(meta),), per_client, compiled=True)
         updates, aux = out[0], out[1]
         upload = payload_bytes({k: u[0] for k, u in updates.items()})
-        state = None if self.state is None else self.world.gather_rows(out[2], m)
+        state = None if self.state_store is None else self.world.gather_rows(out[2], m)
         return Uploads(
             updates=self.world.gather_rows(updates, m),
             aux=self.world.gather_rows(aux, m),
@@ -105,16 +105,21 @@ class ClientComputation:
             state=state,
         )
 
-    def mean_gradient(self, params: Mapping[str, Tensor], batch: TaskBatch, weights: Tensor | None) -> tuple[Params, Aux]:
+    def mean_gradient(
+        self, params: Mapping[str, Tensor], batch: TaskBatch, weights: Tensor | None, loss_scale: float = 1.0
+    ) -> tuple[Params, Aux]:
         """``Σ_i w_i ∇L_i`` (weights normalized over all ``m`` clients) and per-client diagnostics.
 
         With ``runner.chunk_size`` the clients are differentiated a chunk at a time, so only one
         chunk's graph is alive at once; the chunks' gradients add up to the same sum. Under DDP each
         process differentiates its share and the partial sums are added across processes.
+        Parameters that do not require grad get zeros. ``loss_scale`` (a mixed-precision loss scale)
+        multiplies the loss before the backward and divides the gradients after it, so small fp16
+        gradients do not underflow.
         """
         tasks, m = batch.tasks(), batch.num_clients
         lo, hi = self.world.share(m)
-        names, live = list(params), list(params.values())
+        names = list(params)
         chunk = self.runner.chunk_size or max(hi - lo, 1)
         total: list[Tensor] | None = None
         w_all, aux_parts = None, []
@@ -125,9 +130,20 @@ class ClientComputation:
             )
             if w_all is None:
                 w_all = normalize_weights(weights, m, like=losses)
-            grads = torch.autograd.grad((w_all[start:stop] * losses).sum(), live, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(live, grads)]
+            grads = _gradients((w_all[start:stop] * losses).sum(), list(params.values()), loss_scale)
             total = grads if total is None else [a + g for a, g in zip(total, grads)]
             aux_parts.append(aux)
         aux = {k: torch.cat([a[k] for a in aux_parts]) for k in aux_parts[0]}
         return self.world.sum_shares(dict(zip(names, total)), m), self.world.gather_rows(aux, m)
+
+
+def _gradients(loss: Tensor, params: list[Tensor], loss_scale: float) -> list[Tensor]:
+    """``∇ loss`` w.r.t. each of ``params`` in the parameter's dtype (zeros where a parameter is frozen
+    or unused), taken on ``loss · loss_scale`` and divided back (the scaled loss in at least float32)."""
+    live = [p for p in params if p.requires_grad]
+    if loss_scale != 1.0:
+        loss = loss.to(torch.promote_types(loss.dtype, torch.float32)) * loss_scale
+    found = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else ())
+    grads = [next(found) if p.requires_grad else None for p in params]
+    grads = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(params, grads)]
+    return [g / loss_scale for g in grads] if loss_scale != 1.0 else grads

@@ -12,11 +12,12 @@ and :func:`server_step` on the uploads it receives.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metafed.aggregators import Aggregator
@@ -28,7 +29,15 @@ from lightning_metafed.functional.client_task import Aux, Params
 from lightning_metafed.privacy import ClientDP
 from lightning_metafed.round.computation import ClientComputation, Uploads
 
-__all__ = ["Aggregation", "RoundCounts", "RoundPipeline", "RoundResult", "UploadScreen", "sample_survivors", "server_step"]
+__all__ = [
+    "Aggregation", "RoundCounts", "RoundPipeline", "RoundResult", "StateRows", "UploadScreen",
+    "sample_survivors", "screen_and_aggregate", "server_step",
+]
+
+
+def python_warning(message: str) -> None:
+    """The default way a stage warns (the Lightning module passes ``rank_zero_warn`` instead)."""
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,14 @@ class RoundCounts:
 
 
 @dataclass(frozen=True)
+class StateRows:
+    """New per-client state rows ``{name: [k, ...]}`` of the clients ``client_id`` (in row order)."""
+
+    client_id: Any
+    rows: Params
+
+
+@dataclass(frozen=True)
 class RoundResult:
     """What one round produced.
 
@@ -57,8 +74,8 @@ class RoundResult:
         counts: the round's client counts.
         download_bytes: what one client receives (the parameters).
         upload_bytes: what one client sends (its update); ``0`` when nobody uploaded.
-        client_state: ``(client_id, {name: [k, ...]})`` new per-client state of the accepted
-            clients, to be written back by the owner of the store; ``None`` without state.
+        new_state: the accepted clients' new per-client state, for the owner of the store to write
+            back; ``None`` without state.
     """
 
     aggregate: Params | None
@@ -66,7 +83,7 @@ class RoundResult:
     counts: RoundCounts
     download_bytes: int
     upload_bytes: int
-    client_state: tuple[object, Params] | None = None
+    new_state: StateRows | None = None
 
 
 def sample_survivors(
@@ -95,12 +112,16 @@ def sample_survivors(
 @dataclass(frozen=True)
 class UploadScreen:
     """Byzantine clients' uploads replaced by their attack (``faults``); non-finite uploads dropped
-    (``reject_nonfinite``). A round where every upload is non-finite raises."""
+    (``reject_nonfinite``). A round where every upload is non-finite raises.
+
+    ``warn_rejections``: warn (through ``warn``) when an upload is rejected; the module does so at
+    the first rejection of a run only.
+    """
 
     faults: ClientFaults | None = None
     reject_nonfinite: bool = True
-    #: Warn when an upload is rejected (the module warns at the first rejection of a run only).
-    warn: bool = True
+    warn_rejections: bool = True
+    warn: Callable[[str], None] = python_warning
 
     def __call__(self, uploads: Uploads, round_idx: int, counts: RoundCounts) -> tuple[Uploads, RoundCounts]:
         m = uploads.num_clients
@@ -119,8 +140,8 @@ class UploadScreen:
                 f"Round {round_idx}: every one of the {m} client uploads holds NaN/inf (the clients' inner "
                 "loops diverged or their data holds NaN/inf); lower the inner or server learning rate"
             )
-        if self.warn:
-            rank_zero_warn(
+        if self.warn_rejections:
+            self.warn(
                 f"Round {round_idx}: rejected {rejected} of {m} client uploads holding NaN/inf; rejections "
                 "are counted in `robust/rejected` and `robust/rejected_total`."
             )
@@ -148,8 +169,9 @@ def all_finite(values: Mapping[str, Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(v).all() for v in values.values()]).all())  # one sync
 
 
-def check_finite_aggregate(aggregate: Mapping[str, Tensor], round_idx: int) -> None:
-    if not all_finite(aggregate):
+def check_finite_aggregate(aggregate: Mapping[str, Tensor], round_idx: int, finite: bool | None = None) -> None:
+    """Raise before a non-finite aggregate can reach the parameters (``finite``: already checked)."""
+    if not (all_finite(aggregate) if finite is None else finite):
         name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
         raise FloatingPointError(
             f"Round {round_idx}: the aggregated update of parameter {name!r} is not finite "
@@ -157,10 +179,22 @@ def check_finite_aggregate(aggregate: Mapping[str, Tensor], round_idx: int) -> N
         )
 
 
+def screen_and_aggregate(
+    uploads: Uploads, screen: UploadScreen, aggregation: Aggregation, round_idx: int, counts: RoundCounts
+) -> tuple[Params, Uploads, RoundCounts]:
+    """The server's side of the uploads: screening, then aggregation, then the finiteness check.
+    Returns the aggregate, the accepted uploads and the updated counts."""
+    uploads, counts = screen(uploads, round_idx, counts)
+    aggregate, counts = aggregation(uploads, round_idx, counts)
+    check_finite_aggregate(aggregate, round_idx)
+    return aggregate, uploads, counts
+
+
 @dataclass(frozen=True)
 class RoundPipeline:
     """The stages of one round. ``fast_path``: use the computation's mean gradient when the
-    aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way)."""
+    aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way);
+    ``loss_scale``: a mixed-precision loss scale for its backward."""
 
     computation: ClientComputation
     screen: UploadScreen
@@ -168,6 +202,7 @@ class RoundPipeline:
     faults: ClientFaults | None = None
     step_bound: tuple[str, int] | None = None
     fast_path: bool = False
+    loss_scale: float = 1.0
 
     def run(self, batch: TaskBatch, params: Mapping[str, Tensor], round_idx: int) -> RoundResult:
         sampled = batch.num_clients
@@ -179,17 +214,16 @@ class RoundPipeline:
             return RoundResult(None, {}, counts, download, 0)
         weights = survivors.weight if self.aggregation.aggregator.uses_weights else None
         if self.fast_path:
-            aggregate, aux = self.computation.mean_gradient(params, survivors, weights)
-            if all_finite(aggregate) or not self.screen.reject_nonfinite:
-                check_finite_aggregate(aggregate, round_idx)
+            aggregate, aux = self.computation.mean_gradient(params, survivors, weights, self.loss_scale)
+            finite = all_finite(aggregate)
+            if finite or not self.screen.reject_nonfinite:
+                check_finite_aggregate(aggregate, round_idx, finite)
                 return RoundResult(aggregate, _means(aux), counts, download, download)
             # A client diverged: compute the uploads one by one to find and drop it.
         meta = {k: p.detach() for k, p in params.items()}
         uploads = self.computation.uploads(meta, survivors, weights)
-        uploads, counts = self.screen(uploads, round_idx, counts)
-        aggregate, counts = self.aggregation(uploads, round_idx, counts)
-        check_finite_aggregate(aggregate, round_idx)
-        state = None if uploads.state is None else (uploads.client_id, uploads.state)
+        aggregate, uploads, counts = screen_and_aggregate(uploads, self.screen, self.aggregation, round_idx, counts)
+        state = None if uploads.state is None else StateRows(uploads.client_id, uploads.state)
         return RoundResult(aggregate, _means(uploads.aux), counts, download, uploads.bytes_per_client, state)
 
 
@@ -197,15 +231,20 @@ def _means(aux: Aux) -> dict[str, Tensor]:
     return {k: v.mean() for k, v in aux.items()}
 
 
-def server_step(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], aggregate: Params | None, grad_scale: float = 1.0) -> None:
+def server_step(
+    optimizer: Any, params: Mapping[str, Tensor], aggregate: Params | None, scale: Callable[[Tensor], Tensor] | None = None
+) -> None:
     """The server optimizer's step with ``.grad`` = the aggregate (``None``: no gradient at all, so the
-    optimizer leaves every parameter and its state alone; the step still counts).
+    optimizer leaves every parameter and its state alone; the step still counts). Parameters that do
+    not require grad (frozen) get no gradient, so no optimizer moves them.
 
-    ``grad_scale``: the loss scale of a mixed-precision gradient scaler that will divide ``.grad``
-    by it in the step (``1`` without one), so the parameters move by the aggregate itself.
+    ``scale``: a mixed-precision gradient scaler's ``scale`` (it multiplies by the loss scale that
+    the scaler divides ``.grad`` by in the step), so the parameters move by the aggregate itself.
     """
-    optimizer.zero_grad(set_to_none=aggregate is None)
+    optimizer.zero_grad(set_to_none=True)
     if aggregate is not None:
         for name, p in params.items():
-            p.grad = (aggregate[name] * grad_scale if grad_scale != 1.0 else aggregate[name]).to(p.dtype)
+            if p.requires_grad:
+                grad = aggregate[name].to(p.dtype)
+                p.grad = grad if scale is None else scale(grad)
     optimizer.step()

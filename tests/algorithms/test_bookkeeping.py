@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -51,7 +50,7 @@ def test_a_checkpoint_of_a_newer_format_names_the_versions(tmp_path):
 
 def test_checkpoints_record_their_format_and_every_ledger(tmp_path):
     model = lm.MAML.load_from_checkpoint(OLD, net=old_run_net(), weights_only=False)
-    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=4)
     trainer.fit(model, old_run_data(), ckpt_path=OLD, weights_only=False)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     saved = torch.load(tmp_path / "new.ckpt", weights_only=False)

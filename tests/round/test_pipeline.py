@@ -43,7 +43,7 @@ def test_a_round_returns_its_aggregate_diagnostics_counts_and_bytes():
     torch.testing.assert_close(result.aggregate["w"], expected.mean())
     torch.testing.assert_close(result.diagnostics["query_mean"], batch.query_y.mean(dim=(1, 2)).mean())
     assert result.counts == RoundCounts(sampled=4, survivors=4)
-    assert result.download_bytes == result.upload_bytes == 8 and result.client_state is None
+    assert result.download_bytes == result.upload_bytes == 8 and result.new_state is None
 
 
 def test_a_round_where_everyone_drops_out_has_no_aggregate():
@@ -125,5 +125,8 @@ def test_server_step_writes_the_aggregate_or_leaves_everything_alone():
     plain = torch.optim.SGD([w], lr=1.0)
     server_step(plain, {"w": w}, {"w": torch.tensor([0.25, -0.5])})
     assert w.tolist() == [0.75, 1.5]
-    server_step(plain, {"w": w}, {"w": torch.tensor([0.25, -0.5])}, grad_scale=4.0)  # a scaler would divide by 4
+    server_step(plain, {"w": w}, {"w": torch.tensor([0.25, -0.5])}, scale=lambda g: 4.0 * g)  # a scaler divides by 4
     assert w.grad.tolist() == [1.0, -2.0]
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    server_step(torch.optim.SGD([frozen], lr=1.0), {"f": frozen}, {"f": torch.ones(2)})
+    assert frozen.grad is None and frozen.tolist() == [0.0, 0.0]  # no optimizer moves a frozen parameter
