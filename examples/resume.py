@@ -50,7 +50,7 @@ def main(total_rounds: int = 50, stop_after: int = 30) -> float:
         straight = fit(total_rounds, root / "straight")
         fit(stop_after, root / "interrupted")  # "interrupted" after stop_after rounds
         resumed = fit(total_rounds, root / "interrupted", ckpt_path=str(root / "interrupted" / "checkpoints" / "last.ckpt"))
-    diff = max(float((a - b).abs().max()) for a, b in zip(straight.parameters(), resumed.parameters()))
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(straight.parameters(), resumed.parameters()))
     print(f"max |θ_straight − θ_resumed| after {total_rounds} rounds: {diff:.2e}")
     return diff
 

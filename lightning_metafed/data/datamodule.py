@@ -45,7 +45,7 @@ from lightning_metafed.data.seeding import (
     generator,
     python_rng,
 )
-from lightning_metafed.data.loaders import EvalBatches, Rounds
+from lightning_metafed.data.loaders import EvalBatches, Rounds, RoundsLoader
 from lightning_metafed.data.sizes import Size, check_fractions, check_size, resolve_size
 from lightning_metafed.data.task_batch import TaskBatch, stack_tasks
 
@@ -200,7 +200,7 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(Rounds(self), batch_size=None)
+        return RoundsLoader(Rounds(self))
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         if len(self.population(split)) == 0:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_metafed.data.task_batch import TaskBatch
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_metafed.data.datamodule import FederatedDataModule
 
-__all__ = ["EvalBatches", "Rounds"]
+__all__ = ["EvalBatches", "Rounds", "RoundsLoader"]
 
 
 class Rounds(IterableDataset):
@@ -33,6 +33,21 @@ class Rounds(IterableDataset):
         self.iterations += 1
         for r in range(start, (start // R + 1) * R):
             yield self.dm.round_batch(r)
+
+
+class RoundsLoader(DataLoader):
+    """The loader of :class:`Rounds`. It is resumable by construction: the next round is the
+    trainer's ``global_step``, restored with the checkpoint, so it has no state of its own to save
+    (Lightning checks for ``state_dict``/``load_state_dict`` to know a loader resumes mid-epoch)."""
+
+    def __init__(self, rounds: Rounds):
+        super().__init__(rounds, batch_size=None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class EvalBatches(Dataset):

@@ -13,6 +13,7 @@ from lightning_metafed.functional.aggregate import (
     update_norms,
     weighted_mean,
 )
+from lightning_metafed.functional.client_task import ClientTask, Params
 from lightning_metafed.functional.inner import adam_init, adam_step, sgd_init, sgd_step
 from lightning_metafed.functional.losses import (
     accuracy,
@@ -21,7 +22,6 @@ from lightning_metafed.functional.losses import (
     mse_loss,
 )
 from lightning_metafed.functional.updates import (
-    ClientTask,
     anil_update,
     fedavg_update,
     hvp,
@@ -34,6 +34,7 @@ from lightning_metafed.functional.updates import (
 
 __all__ = [
     "ClientTask",
+    "Params",
     "accuracy",
     "adam_init",
     "adam_step",

@@ -28,7 +28,6 @@ from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.inner import LearningRate
 
 __all__ = [
-    "ClientTask",
     "maml_objective",
     "maml_update",
     "meta_sgd_update",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -45,5 +47,7 @@ def test_pure_python_example_round_by_hand():
     assert results["test/loss_post"] < results["test/loss_pre"]
 
 
+# The example resumes into the run's own checkpoint directory, as a restarted job would: Lightning notes it is not empty.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
 def test_resume_example_reproduces_uninterrupted_fit():
     assert load("resume").main(total_rounds=12, stop_after=7) <= 1e-6

@@ -546,6 +546,8 @@ def test_local_without_val_part_has_no_val_loader_and_a_working_test_loader():
     dm.round_batch(0)
 
 
+# local_split holds no validation part on purpose: the data module then hands Lightning no validation batches
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero:UserWarning")
 def test_local_with_a_trainer_validates_and_tests():
     dm = local_dm(local_split=(0.75, 0.0, 0.25), rounds_per_epoch=2)
     torch.manual_seed(0)
