@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ("trainer_overhead.py", ["--rounds", "4", "--clients", "4"], "ratio"),
         ("robustness.py", ["--rounds", "2", "--seeds", "1"], "trimmed_mean(0.3)"),
         ("data_speed.py", ["--clients", "10000", "--repeats", "1"], "ratio"),
+        ("versus_revision.py", ["--rev", "HEAD", "--clients", "4", "--repeats", "1"], "new/old"),
     ],
 )
 def test_benchmark_script_runs(script, args, expect):
@@ -28,3 +29,5 @@ def test_benchmark_script_runs(script, args, expect):
     if script == "round_speed.py":
         max_grad_diff = float(result.stdout.strip().splitlines()[-1].split("|")[-1])
         assert max_grad_diff < 1e-5  # every implementation computes the same meta-gradient
+    if script == "versus_revision.py":
+        assert float(result.stdout.strip().splitlines()[-1].split("|")[-1]) < 1e-6  # both versions aggregate alike
