@@ -146,9 +146,9 @@ def server_update(
 
     The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
     non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest, a
-    non-finite aggregate raises, and :func:`~lightning_metafed.round.server_step` applies it. The module's simulated ``faults`` do
-    not apply (a deployment has real ones), and ``privacy`` is refused: this server step adds no
-    noise, so it would not give the guarantee the config asks for.
+    non-finite aggregate raises, and :func:`~lightning_metafed.round.server_step` applies it. The
+    module's simulated ``faults`` do not apply (a deployment has real ones), and ``privacy`` is
+    refused: this server step adds no noise, so it would not give the guarantee the config asks for.
     """
     if model.privacy is not None:
         raise ValueError(
