@@ -37,7 +37,7 @@ from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, ms
 from lightning_metafed.inner import SGD, InnerOptimizer
 from lightning_metafed.privacy import ClientDP
 from lightning_metafed.round import Aggregation, ClientComputation, ClientRunner, ClientStateStore, RoundLedgers
-from lightning_metafed.round import RoundPipeline, RoundResult, UploadScreen, server_step
+from lightning_metafed.round import RoundPipeline, RoundResult, UploadScreen, server_step, write_gradients
 
 __all__ = ["MetaFedModule", "check_norm_layers", "resolve_adapt_names"]
 
@@ -211,9 +211,9 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
 
     def client_updates_with_aux(self, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """Per-client uploads ``{name: [m, *shape]}`` and per-client diagnostics ``{name: [m]}``."""
-        batch = as_batch(batch)
-        per_client = (batch.tasks(),) if self.client_state is None else (batch.tasks(), self.client_state.gather(batch.client_id))
-        return self.runner.map(self.client_update, (self.meta_parameters(detach=True),), per_client, compiled=True)[:2]
+        computation = ClientComputation(self.client_update, self.runner, state_store=self.client_state)
+        uploads = computation.uploads(self.meta_parameters(detach=True), as_batch(batch), None)  # the store is only read
+        return uploads.updates, uploads.aux
 
     def client_updates(self, batch: TaskBatch) -> Params:
         """What each of the batch's clients uploads: ``{module param name: [m, *param.shape]}``.
@@ -253,8 +253,7 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         ``.grad``; returns ``(aggregate, mean diagnostics)`` (``(None, {})`` when no client survived)."""
         result = self.run_round(batch)
         self.ledgers.communication.record(result)
-        for name, p in self.named_parameters():
-            p.grad = None if result.aggregate is None or not p.requires_grad else result.aggregate[name].to(p.dtype)
+        write_gradients(dict(self.named_parameters()), result.aggregate)
         if result.new_state is not None:
             self.client_state.write(result.new_state.client_id, result.new_state.rows)
         return result.aggregate, result.diagnostics

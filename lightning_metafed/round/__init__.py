@@ -21,6 +21,7 @@ from lightning_metafed.round.pipeline import (
     sample_survivors,
     screen_and_aggregate,
     server_step,
+    write_gradients,
 )
 from lightning_metafed.round.state import ClientStateStore, InMemoryClientState
 
@@ -44,4 +45,5 @@ __all__ = [
     "sample_survivors",
     "screen_and_aggregate",
     "server_step",
+    "write_gradients",
 ]

@@ -15,10 +15,22 @@ from lightning_metafed.faults import ClientFaults
 from lightning_metafed.privacy import ClientDP
 from lightning_metafed.round.pipeline import RoundCounts, RoundResult
 
-__all__ = ["CommunicationMeter", "FaultLedger", "PrivacyLedger", "RoundLedgers"]
+__all__ = ["CommunicationMeter", "CountingLedger", "FaultLedger", "PrivacyLedger", "RoundLedgers"]
 
 
-class CommunicationMeter:
+class CountingLedger:
+    """A ledger whose checkpoint state is its ``totals`` (named integer counts)."""
+
+    totals: dict[str, int]
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.totals)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.totals = {**self.totals, **state}
+
+
+class CommunicationMeter(CountingLedger):
     """Bytes that crossed the client/server line: every sampled client downloads the parameters,
     every surviving client uploads its update. Logged as ``comm/*``."""
 
@@ -63,14 +75,8 @@ class CommunicationMeter:
             f"{c['upload_bytes'] / 1e6:.3f} MB uploaded{per_client}"
         )
 
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.totals)
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.totals = {**self.totals, **state}
-
-
-class FaultLedger:
+class FaultLedger(CountingLedger):
     """Dropouts, Byzantine uploads, rejected (non-finite) uploads and skipped rounds, this round
     and in total. Logged as ``faults/*`` (with ``faults``) and ``robust/*`` (with rejection)."""
 
@@ -112,12 +118,6 @@ class FaultLedger:
             f"Faults: {f['dropped_clients']} client dropouts, {f['skipped_rounds']} rounds skipped, "
             f"{f['byzantine_uploads']} Byzantine uploads, {f['rejected_uploads']} non-finite uploads rejected"
         )
-
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.totals)
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.totals = {**self.totals, **state}
 
 
 class PrivacyLedger:

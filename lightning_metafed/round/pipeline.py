@@ -31,7 +31,7 @@ from lightning_metafed.round.computation import ClientComputation, Uploads
 
 __all__ = [
     "Aggregation", "RoundCounts", "RoundPipeline", "RoundResult", "StateRows", "UploadScreen",
-    "sample_survivors", "screen_and_aggregate", "server_step",
+    "sample_survivors", "screen_and_aggregate", "server_step", "write_gradients",
 ]
 
 
@@ -242,9 +242,18 @@ def server_step(
     the scaler divides ``.grad`` by in the step), so the parameters move by the aggregate itself.
     """
     optimizer.zero_grad(set_to_none=True)
-    if aggregate is not None:
-        for name, p in params.items():
-            if p.requires_grad:
-                grad = aggregate[name].to(p.dtype)
-                p.grad = grad if scale is None else scale(grad)
+    write_gradients(params, aggregate, scale)
     optimizer.step()
+
+
+def write_gradients(
+    params: Mapping[str, Tensor], aggregate: Params | None, scale: Callable[[Tensor], Tensor] | None = None
+) -> None:
+    """``.grad`` = the aggregate (times ``scale``) for every parameter that requires grad; ``None``
+    everywhere when there is no aggregate."""
+    for name, p in params.items():
+        if aggregate is None or not p.requires_grad:
+            p.grad = None
+        else:
+            grad = aggregate[name].to(p.dtype)
+            p.grad = grad if scale is None else scale(grad)
