@@ -21,6 +21,8 @@ from lightning_metafed.checkpoint import AtomicCheckpointIO
 from lightning_metafed.data import TaskBatch
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.privacy import ClientDP
+from lightning_metafed.resume import ResumeCheck
+from lightning_metafed.round import NonFiniteRoundError
 
 __version__ = "0.1.0"
 
@@ -40,8 +42,10 @@ __all__ = [
     "Mean",
     "MetaFedModule",
     "MetaSGD",
+    "NonFiniteRoundError",
     "PerFedAvg",
     "Reptile",
+    "ResumeCheck",
     "TaskBatch",
     "aggregators",
     "functional",

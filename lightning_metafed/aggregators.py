@@ -23,11 +23,17 @@ Robust aggregators bound what a minority of bad clients can do to a round:
 The math of every rule is a pure function in :mod:`lightning_metafed.functional.aggregate`; these
 classes are the configurable (LightningCLI / checkpoint) wrappers around it. The module rejects
 non-finite uploads before any aggregator sees them.
+
+A robust rule can do nothing in small rounds (a trimmed mean that trims ``⌊trim·m⌋ = 0`` clients, a
+single bucket, the median of two values): :meth:`Aggregator.degenerate_reason` says so for a round
+size, in one sentence naming the argument and a value that would make the rule act.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import math
 
 import torch
 from torch import Tensor
@@ -44,6 +50,7 @@ from lightning_metafed.functional.aggregate import (
     coordinate_median,
     finite_clients,
     norm_bounded_mean,
+    trim_count,
     trimmed_mean,
     update_norms,
     weighted_mean,
@@ -65,6 +72,16 @@ class Aggregator(ConfigObject):
 
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def degenerate_reason(self, round_size: int) -> str | None:
+        """Why this rule reduces to a plain mean in rounds of ``round_size`` clients, or ``None``.
+
+        The reason is one sentence naming the argument, its value, the round size and a value that
+        would make the rule act. The default (for :class:`Mean`, :class:`NormBoundedMean` and custom
+        rules) is ``None``: the rule is taken to act at every round size.
+        """
+        check_int("round_size", round_size, minimum=1)
+        return None
 
 
 class Mean(Aggregator):
@@ -92,6 +109,17 @@ class CoordinateMedian(Aggregator):
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         return coordinate_median(updates)
 
+    def degenerate_reason(self, round_size: int) -> str | None:
+        """A reason for rounds of 1 or 2 clients: the median of one value is that value, of two their mean."""
+        check_int("round_size", round_size, minimum=1)
+        if round_size > 2:
+            return None
+        what = "that client's update" if round_size == 1 else "the mean of the two values per coordinate"
+        return (
+            f"CoordinateMedian() of a round of {round_size} client{'s' if round_size > 1 else ''} is {what}: "
+            "it is a plain mean; use at least 3 clients per round"
+        )
+
 
 class TrimmedMean(Aggregator):
     """Coordinate-wise ``trim``-trimmed mean (unweighted): per coordinate, the ``⌊trim·m⌋``
@@ -108,6 +136,23 @@ class TrimmedMean(Aggregator):
 
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         return trimmed_mean(updates, self.trim)
+
+    def degenerate_reason(self, round_size: int) -> str | None:
+        """A reason when ``⌊trim·m⌋`` (:func:`~lightning_metafed.functional.aggregate.trim_count`) is 0
+        for ``m = round_size``: no client is trimmed, so the rule is the plain mean."""
+        m = check_int("round_size", round_size, minimum=1)
+        if trim_count(m, self.trim) > 0:
+            return None
+        if m >= 3:  # some trim below 0.5 drops a client of m
+            fix = f"use trim >= {_smallest_trim(m)}"
+            fix += f" or at least {_smallest_trimmed_round(self.trim)} clients per round" if self.trim > 0 else ""
+        else:
+            fix = f"use at least {_smallest_trimmed_round(self.trim) if self.trim > 0 else 3} clients per round"
+            fix += "" if self.trim > 0 else " and trim > 0"
+        return (
+            f"TrimmedMean(trim={self.trim!r}) trims floor({self.trim!r} × {m}) = 0 clients per side in a round of "
+            f"{m} client{'s' if m > 1 else ''}: it is a plain mean; {fix}"
+        )
 
 
 class NormBoundedMean(Aggregator):
@@ -149,6 +194,50 @@ class Bucketing(Aggregator):
 
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
         return self.aggregator(bucket_means(updates, self.bucket_size))
+
+    def degenerate_reason(self, round_size: int) -> str | None:
+        """A reason when ``bucket_size >= round_size`` (one bucket: the plain mean of the round, whatever
+        the inner rule), or when the inner rule degenerates on the ``⌈round_size / bucket_size⌉``
+        bucket means (its reason, which then counts buckets as clients)."""
+        m = check_int("round_size", round_size, minimum=1)
+        buckets = math.ceil(m / self.bucket_size)
+        name, inner = f"Bucketing(bucket_size={self.bucket_size})", self.aggregator
+        if m == 1:
+            return f"{name} of a round of 1 client is its update, whatever the inner rule {inner!r}: use more clients per round"
+        reason = inner.degenerate_reason(buckets) if buckets > 1 else None
+        if buckets > 1 and reason is None:
+            return None
+        # the largest smaller bucket_size whose number of buckets the inner rule acts on
+        sizes = range(min(self.bucket_size, m) - 1, 0, -1)
+        smaller = next((s for s in sizes if inner.degenerate_reason(math.ceil(m / s)) is None), None)
+        fix = None if smaller is None else f"bucket_size <= {smaller}" if smaller > 1 else "bucket_size=1"
+        if buckets == 1:
+            return (
+                f"{name} puts all {m} clients of a round in one bucket: the aggregate is their plain mean, whatever the "
+                f"inner rule {inner!r}; use {fix + ' or ' if fix else ''}more clients per round"
+            )
+        return (
+            f"{name} turns a round of {m} clients into {buckets} bucket means, which its inner rule treats as a round "
+            f"of {buckets} clients{f' ({fix} would make enough buckets for it to act)' if fix else ''}: {reason}"
+        )
+
+
+def _smallest_trim(m: int) -> float:
+    """A short ``trim`` (4 significant digits, rounded up) that trims at least one client of ``m``."""
+    exact = 1 / m
+    scale = 10 ** (math.floor(math.log10(exact)) - 3)
+    short = float(f"{math.ceil(exact / scale) * scale:.4g}")
+    return short if trim_count(m, short) >= 1 else exact
+
+
+def _smallest_trimmed_round(trim: float) -> int:
+    """The smallest round size ``m`` in which ``trim > 0`` trims a client (``trim_count(m, trim) >= 1``)."""
+    m = max(1, math.ceil((1 - 1e-9) / trim))
+    while trim_count(m, trim) < 1:
+        m += 1
+    while m > 1 and trim_count(m - 1, trim) >= 1:
+        m -= 1
+    return m
 
 
 # Checkpoints store the aggregator in their hyperparameters; allow torch.load(weights_only=True) to read it.

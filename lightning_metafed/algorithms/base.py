@@ -28,6 +28,7 @@ from lightning_metafed.algorithms import evaluation
 from lightning_metafed.algorithms.arguments import as_batch, check_common_arguments, check_net, check_norm_layers, resolve_adapt_names
 from lightning_metafed.algorithms.backends import make_backend
 from lightning_metafed.algorithms.bookkeeping import LedgerHooks
+from lightning_metafed.algorithms.setup_checks import SetupCheckHooks
 from lightning_metafed.algorithms.trainer_access import attached_trainer, grad_scaler, is_logging_step, round_world
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
@@ -36,15 +37,16 @@ from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, mse_loss
 from lightning_metafed.inner import SGD, InnerOptimizer
 from lightning_metafed.privacy import ClientDP
+from lightning_metafed.resume import ResumeCheck
 from lightning_metafed.round import Aggregation, ClientComputation, ClientRunner, ClientStateStore, RoundLedgers
-from lightning_metafed.round import RoundPipeline, RoundResult, UploadScreen, server_step, write_gradients
+from lightning_metafed.round import NonFiniteRoundError, RoundPipeline, RoundResult, UploadScreen, server_step, write_gradients
 
 __all__ = ["MetaFedModule", "check_norm_layers", "resolve_adapt_names"]
 
 NET_PREFIX = "net."
 
 
-class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule):
+class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl.LightningModule):
     """Base LightningModule: one ``training_step`` is one round of federated (meta-)learning.
 
     Args:
@@ -75,6 +77,10 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
             the default ``Mean``, and every client counts equally.
         reject_nonfinite: drop a client's upload that holds NaN/inf before aggregation (counted,
             logged as ``robust/rejected``); a round where every upload is non-finite still raises.
+        on_nonfinite: what a round does when its aggregate is non-finite or the server step would
+            leave a parameter non-finite (the parameters and the server optimizer's state are then
+            restored to before the step): ``"raise"`` a ``NonFiniteRoundError`` naming the cause
+            (default), or ``"skip"`` the round with a warning (counted as ``robust/nonfinite_rounds``).
     """
 
     #: Whether this algorithm can run its inner loop through ``higher``.
@@ -102,6 +108,7 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         faults: ClientFaults | None = None,
         privacy: ClientDP | None = None,
         reject_nonfinite: bool = True,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
         # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
@@ -110,6 +117,8 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         inner_optimizer = SGD(lr=0.01) if inner_optimizer is None else inner_optimizer
         aggregator = Mean() if aggregator is None else aggregator
         check_common_arguments(inner_steps, eval_inner_steps, task, client_chunk_size, inner_optimizer, aggregator, faults, privacy)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Expected `on_nonfinite` to be 'raise' or 'skip', got {on_nonfinite!r}")
         self.backend = make_backend(inner_backend)
         self.backend.check(type(self).__name__, self.supports_higher, inner_optimizer, vectorize, faults)
         self.net = check_net(self.build_net() if net is None else net)
@@ -125,6 +134,7 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         self.faults = faults
         self.privacy = privacy
         self.reject_nonfinite = bool(reject_nonfinite)
+        self.on_nonfinite = on_nonfinite
         vectorized = vectorize and self.backend.vectorizable
         self.runner = ClientRunner(type(self).__name__, vectorized, client_chunk_size, bool(compile_clients), rank_zero_warn)
         self.ledgers = RoundLedgers(faults, self.reject_nonfinite, privacy)
@@ -148,6 +158,11 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         if self.task == "classification":
             metrics["acc"] = accuracy(pred, target, mask)
         return metrics
+
+    def uses_builtin_loss(self) -> bool:
+        """Whether :meth:`compute_loss` is the built-in MSE / cross-entropy (then the first batch's
+        targets are checked against the net's output shape)."""
+        return type(self).compute_loss is MetaFedModule.compute_loss
 
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         """One client's upload ``{module param name: tensor}`` and detached diagnostics.
@@ -260,6 +275,14 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A :class:`~lightning_metafed.resume.ResumeCheck` unless the Trainer has one: a resumed fit
+        whose configuration differs from its checkpoint stops and lists the differences."""
+        trainer = attached_trainer(self)
+        if trainer is not None and any(isinstance(c, ResumeCheck) for c in trainer.callbacks):
+            return []
+        return [ResumeCheck()]
+
     def configure_optimizers(self) -> Any:
         optimizer = self.server_optimizer(self.parameters())
         if self.server_lr_scheduler is None:
@@ -281,12 +304,18 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         if logging_step:  # before the update, from the same meta-parameters the clients start from
             for key, value in self.backend.round_diagnostics(self, batch).items():
                 self.log(f"train/{key}", value, on_step=True, batch_size=batch.num_clients)
-        result = self.run_round(batch)
-        if result.aggregate is None:
-            rank_zero_info(f"Round {self.global_step}: all {batch.num_clients} sampled clients dropped out; server step skipped")
-        optimizer = self.optimizers()
-        scaler = grad_scaler(self.trainer)
-        server_step(optimizer, dict(self.named_parameters()), result.aggregate, None if scaler is None else scaler.scale)
+        optimizer, scaler = self.optimizers(), grad_scaler(self.trainer)
+        try:
+            result = self.run_round(batch)
+            if result.aggregate is None:
+                rank_zero_info(f"Round {self.global_step}: all {batch.num_clients} sampled clients dropped out; server step skipped")
+            scale = None if scaler is None else scaler.scale
+            server_step(optimizer, dict(self.named_parameters()), result.aggregate, scale, self.global_step)
+        except NonFiniteRoundError as error:
+            if self.on_nonfinite == "raise":
+                raise
+            self._skip_nonfinite_round(error, optimizer)
+            return None
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -296,3 +325,12 @@ class MetaFedModule(LedgerHooks, evaluation.EvaluationHooks, pl.LightningModule)
         self.log_round(result, batch.num_clients, logging_step, optimizer)
         meta_loss = result.diagnostics.get("query_loss", result.diagnostics.get("support_loss"))
         return meta_loss.detach() if meta_loss is not None else None
+
+    def _skip_nonfinite_round(self, error: NonFiniteRoundError, optimizer: Any) -> None:
+        """``on_nonfinite="skip"``: the round leaves the parameters as they were, but counts as a step
+        (an empty server step when the uploads failed; the restored step otherwise)."""
+        if error.stage == "uploads":
+            server_step(optimizer, dict(self.named_parameters()), None)
+        total = self.ledgers.faults.record_nonfinite()
+        rank_zero_warn(f"{error} Skipping the round (`on_nonfinite='skip'`).")
+        self.log("robust/nonfinite_rounds", float(total), on_step=True, batch_size=1)

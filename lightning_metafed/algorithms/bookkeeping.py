@@ -68,7 +68,10 @@ class LedgerHooks:
             self.ledgers.load_state_dict(checkpoint)
             store = getattr(self, "client_state", None)
             if store is not None and CLIENT_STATE_KEY in checkpoint:
-                store.load_state_dict(checkpoint[CLIENT_STATE_KEY])
+                try:
+                    store.load_state_dict(checkpoint[CLIENT_STATE_KEY])
+                except ValueError as error:
+                    raise ValueError(f"The checkpoint's {CLIENT_STATE_KEY!r} entry: {error}") from error
         # Else evaluating a checkpoint (e.g. test of the best one after fit) loads its weights only:
         # the run's communication, fault counts and privacy spent so far must not roll back.
 

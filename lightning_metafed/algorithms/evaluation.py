@@ -5,6 +5,9 @@ outside a Trainer, under Lightning's inference mode too: gradients are switched 
 for the inner loop). :class:`Evaluator` collects one row per client over a validation/test epoch
 and, at its end, logs the summary statistics and writes the per-client CSV, the TensorBoard
 histogram and the adaptation-curve figure. The module's Lightning hooks only delegate here.
+
+Clients whose adaptation diverges (NaN or infinite metrics) keep their non-finite values in the
+logged statistics; the epoch warns once, and the artifacts are written from what is finite.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lightning_metafed.metrics import (
     ClientRecords,
     client_statistics,
     curve_figure,
+    divergence,
     format_summary,
     write_client_csv,
 )
@@ -31,7 +35,7 @@ from lightning_metafed.metrics import (
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_metafed.algorithms.base import MetaFedModule
 
-__all__ = ["EvaluationHooks", "Evaluator", "adaptation_curves", "personalize", "predict"]
+__all__ = ["EvaluationHooks", "Evaluator", "adaptation_curves", "divergence_message", "personalize", "predict"]
 
 
 def _with_grad(batch: TaskBatch) -> TaskBatch:
@@ -82,12 +86,6 @@ class Evaluator(nn.Module):
     def step(self, module: MetaFedModule, batch: TaskBatch, stage: str) -> dict[str, Tensor]:
         """Adapt and score the batch's clients; record their rows; the batch means ``{stage}/{metric}_{pre,post}``."""
         curves = adaptation_curves(module, batch)
-        diverged = int((~torch.isfinite(curves["loss"])).any(dim=1).sum())
-        if diverged:
-            rank_zero_warn(
-                f"{stage}: adaptation diverged (non-finite loss) for {diverged} of {batch.num_clients} clients within "
-                f"{module.eval_inner_steps} steps; their metrics are NaN. Lower the inner learning rate or `eval_inner_steps`."
-            )
         m, device = batch.num_clients, batch.support_x.device
         if isinstance(batch.client_id, Tensor):
             ids = batch.client_id.to(device)
@@ -104,8 +102,10 @@ class Evaluator(nn.Module):
 
         Logged: ``{stage}/{metric}_{pre,post}`` (means over clients), ``_post_weighted`` (weighted
         by query size), ``_post_std``, ``_post_worst10``, ``{stage}/{metric}_step{k}`` (the curve),
-        ``{stage}/improved`` (fraction of clients whose loss fell); in TensorBoard also a histogram of
-        per-client post metrics and the curve figure; a per-client CSV in the run's log directory.
+        ``{stage}/improved`` (fraction of clients whose loss fell), ``{stage}/diverged`` (fraction of
+        clients with a non-finite metric); in TensorBoard also a histogram of per-client post metrics
+        and the curve figure; a per-client CSV in the run's log directory. When clients diverged, one
+        warning (:func:`divergence_message`) says how many and from which adaptation step.
         """
         records = self.records[stage]
         if not records.rows.update_called:
@@ -113,6 +113,11 @@ class Evaluator(nn.Module):
         ids, n_support, n_query, curves = records.compute()
         records.reset()
         stats = {k: client_statistics(c[:, 0], c[:, -1], n_query, k) for k, c in curves.items()}
+        diverged, first_step = divergence(curves)
+        if first_step is not None:
+            steps = next(iter(curves.values())).shape[1] - 1
+            rank_zero_warn(divergence_message(stage, int(diverged.sum()), len(ids), first_step, steps))
+        module.log(f"{stage}/diverged", diverged.float().mean())
         for metric, values in stats.items():
             for name, value in values.items():
                 if name != "improved":
@@ -127,13 +132,34 @@ class Evaluator(nn.Module):
             log_dir = trainer.log_dir if trainer.loggers else None
             write_artifacts(trainer.loggers, module.global_step, stage, log_dir, (ids, n_support, n_query, curves))
             if stage == "test":
-                rank_zero_info(format_summary(stats, stage, len(ids)))
+                rank_zero_info(format_summary(stats, stage, len(ids), int(diverged.sum())))
         return stats
+
+
+def divergence_message(stage: str, diverged: int, total: int, first_step: int, steps: int) -> str:
+    """The warning for an evaluation epoch in which ``diverged`` of ``total`` held-out clients got a
+    non-finite metric, the first of them at adaptation step ``first_step`` of ``steps``."""
+    if first_step == 0:
+        cause = (
+            "before any adaptation step: the meta-parameters or these clients' data are already non-finite "
+            "(or so large that the query loss overflows)"
+        )
+    else:
+        cause = (
+            f"at adaptation step {first_step} of {steps}: the inner learning rate or `eval_inner_steps` is likely too "
+            "large for these clients; lower either"
+        )
+    return (
+        f"{stage}: adaptation diverged (non-finite metrics) for {diverged} of {total} clients, first {cause}. Their "
+        f"NaN/inf values are kept in the logged statistics (e.g. `{stage}/loss_post`) and the per-client CSV, and left "
+        "out of the histogram and the curve figure."
+    )
 
 
 @rank_zero_only
 def write_artifacts(loggers: list[Any], step: int, stage: str, log_dir: str | None, rows: tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]) -> None:
-    """The per-client CSV in ``log_dir``; per-client histograms and the curve figure in TensorBoard."""
+    """The per-client CSV in ``log_dir``; per-client histograms (of the finite values; none when no
+    value is finite) and the curve figure in TensorBoard."""
     ids, n_support, n_query, curves = rows
     if log_dir is not None:
         write_client_csv(Path(log_dir) / f"{stage}_clients.csv", ids, n_support, n_query, curves)
@@ -141,7 +167,9 @@ def write_artifacts(loggers: list[Any], step: int, stage: str, log_dir: str | No
         if isinstance(logger, TensorBoardLogger):
             writer = logger.experiment
             for metric, curve in curves.items():
-                writer.add_histogram(f"{stage}/{metric}_post_per_client", curve[:, -1].float().cpu(), step)
+                post = curve[:, -1].float().cpu()
+                if bool(torch.isfinite(post).any()):  # TensorBoard rejects a histogram of no finite value
+                    writer.add_histogram(f"{stage}/{metric}_post_per_client", post[torch.isfinite(post)], step)
             figure = curve_figure(curves, f"{stage}: held-out clients, step {step}")
             if figure is not None:
                 writer.add_figure(f"{stage}/adaptation_curve", figure, step)

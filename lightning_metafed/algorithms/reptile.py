@@ -28,6 +28,11 @@ class Reptile(MetaFedModule):
     """
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, use_query: bool = True, **kwargs: Any):
+        if inner_steps == 0:
+            raise ValueError(
+                "Expected `inner_steps` >= 1 for Reptile: its upload θ − θ_K is zero without inner steps, so the "
+                "meta-parameters would never move; got 0"
+            )
         super().__init__(net=net, inner_steps=inner_steps, **kwargs)
         self.use_query = bool(use_query)
 

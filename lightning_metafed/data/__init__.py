@@ -12,10 +12,12 @@ from lightning_metafed.data.sinusoid import SinusoidClients
 from lightning_metafed.data.synthetic import SyntheticClients
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.data.tensors import TensorClients
+from lightning_metafed.data.validation import DataSpec
 
 __all__ = [
     "ClientData",
     "DatasetClients",
+    "DataSpec",
     "DigitsClients",
     "Dirichlet",
     "EpisodicClients",

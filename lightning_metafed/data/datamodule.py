@@ -48,11 +48,13 @@ from lightning_metafed.data.seeding import (
 from lightning_metafed.data.loaders import EvalBatches, Rounds, RoundsLoader
 from lightning_metafed.data.sizes import Size, check_fractions, check_size, resolve_size
 from lightning_metafed.data.task_batch import TaskBatch, stack_tasks
+from lightning_metafed.data.validation import ClientChecks, DataSpec
 
 __all__ = ["FederatedDataModule", "stack_tasks"]
 
 SPLITS = ("train", "val", "test")
-#: Populations larger than this are validated lazily, client by client, instead of up front.
+#: Populations larger than this are validated lazily, client by client, instead of up front
+#: (their sizes; and, for populations held in memory, their data).
 EAGER_CHECK_LIMIT = 100_000
 
 
@@ -125,6 +127,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.seed = seed
         self._populations: dict[str, Population] | None = None
         self._train_weights: Tensor | None = None
+        self._checks: ClientChecks | None = None
+        self._checked: set[int] = set()  # ids of populations whose every client was checked at setup
 
     # ----------------------------------------------------------------------------- to implement
 
@@ -165,6 +169,8 @@ class FederatedDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------- lifecycle
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the train/val/test populations and check them: argument sizes against every client,
+        and the data of every client held in memory (clients loaded on demand are checked as loaded)."""
         if self._populations is not None:
             return
         populations = self.populations()
@@ -173,12 +179,29 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"Expected `clients_per_round` <= the {len(train)} train clients, got {self.clients_per_round}"
             )
+        checks = ClientChecks(self.num_classes)
+        checked = checks.check_populations(populations, EAGER_CHECK_LIMIT)
         self._check_train_sizes(train)
         for split in ("val", "test"):
             self._check_eval_sizes(populations[split])
         if self.client_sampling == "size" and train.uniform is None:
             self._train_weights = torch.tensor([float(train.size(i)) for i in range(len(train))], dtype=torch.float64)
+        self._checks, self._checked = checks, checked
         self._populations = populations  # only once every check passed: a failed setup can be retried
+
+    def data_spec(self) -> DataSpec:
+        """What every client's data looks like: per-example feature and target shapes and dtypes,
+        ``num_classes``, and whether targets are integer labels (see :class:`DataSpec`).
+
+        Taken from the first client checked: at :meth:`setup` for clients held in memory; for a
+        source that loads clients on demand, from the first client loaded (one is loaded now if
+        none has been). Every other client is checked to match it.
+        """
+        self.setup()
+        if self._checks.spec is None:
+            split = next(split for split in SPLITS if len(self._populations[split]))
+            self.load_client(self._populations[split], 0)
+        return self._checks.spec
 
     def population(self, split: str) -> Population:
         """The ``"train"``, ``"val"`` or ``"test"`` clients (after :meth:`setup`)."""
@@ -219,23 +242,14 @@ class FederatedDataModule(pl.LightningDataModule):
     # -------------------------------------------------------------------------------- sampling
 
     def load_client(self, population: Population, i: int) -> ClientData:
-        """Client ``i`` of ``population``, checked: matching lengths, non-empty, finite, labels in range."""
+        """Client ``i`` of ``population``, checked (unless :meth:`setup` checked all of its clients):
+        tensors of matching lengths, non-empty, finite features and targets, integer labels in
+        ``[0, num_classes)`` for classification, and shapes and dtypes equal to the first client's."""
         data = population.client(i)
-        name = population.name(i)
-        x, y = data.x, data.y
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise ValueError(f"Client {name!r}: expected x and y to be tensors, got {type(x).__name__}, {type(y).__name__}")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"Client {name!r}: x has {x.shape[0]} examples but y has {y.shape[0]}")
-        if x.shape[0] == 0:
-            raise ValueError(f"Client {name!r} has no examples")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"Client {name!r}: its features hold NaN or inf")
-        if self.num_classes is not None and ((y < 0).any() or (y >= self.num_classes).any() or y.is_floating_point()):
-            bad = y[(y < 0) | (y >= self.num_classes)] if not y.is_floating_point() else y
-            raise ValueError(
-                f"Client {name!r}: expected integer labels in [0, {self.num_classes}), got {bad[:5].tolist()}"
-            )
+        if id(population) not in self._checked:
+            if self._checks is None:
+                self._checks = ClientChecks(self.num_classes)
+            self._checks.check(population.name(i), data)
         return data
 
     def _sample_clients(self, round_idx: int) -> list[int]:

@@ -12,6 +12,7 @@ from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.partition import Partitioner
 from lightning_metafed.data.partitioned import (
     PartitionedPopulation,
+    as_label,
     check_partitioner,
     dataset_loader,
 )
@@ -21,11 +22,20 @@ __all__ = ["DatasetClients", "dataset_labels"]
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Integer labels of a dataset: its ``targets`` attribute when present, else ``dataset[i][1]``."""
+    """Integer labels of a dataset: its ``targets`` attribute when present, else ``dataset[i][1]``.
+    Float labels are rejected (a classification source is given float targets)."""
     targets = getattr(dataset, "targets", None)
     if targets is not None:
-        return torch.as_tensor(targets).long().reshape(-1)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+        labels, where = torch.as_tensor(targets).reshape(-1), "`dataset.targets`"
+    else:
+        labels, where = [as_label(dataset[i][1], i) for i in range(len(dataset))], "`dataset` items"
+        labels = torch.stack(labels) if labels else torch.empty(0, dtype=torch.long)
+    if labels.numel() and (labels.is_floating_point() or labels.is_complex()):
+        raise ValueError(
+            f"Expected integer class labels in {where}, got a float target of dtype {labels.dtype} "
+            f"(first values {labels[:5].tolist()}); pass integer labels"
+        )
+    return labels.long()
 
 
 class DatasetClients(FederatedDataModule):

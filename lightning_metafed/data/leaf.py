@@ -7,7 +7,6 @@ per user into ``train/`` and ``test/`` folders.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, ListPopulation, Population
+from lightning_metafed.files import load_json_file
 
 __all__ = ["LEAFClients", "read_leaf_dir", "SHAKESPEARE_LETTERS"]
 
@@ -31,8 +31,7 @@ def read_leaf_dir(folder: Path) -> dict[str, dict[str, list]]:
         raise ValueError(f"Expected LEAF *.json files in {str(folder)!r}, found none")
     users: dict[str, dict[str, list]] = {}
     for path in files:
-        with open(path) as f:
-            blob = json.load(f)
+        blob = load_json_file(path, "LEAF JSON")
         if not isinstance(blob, dict) or "user_data" not in blob:
             raise ValueError(f"{str(path)!r} is not a LEAF file: expected a 'user_data' key")
         for user, data in blob["user_data"].items():
@@ -94,7 +93,11 @@ class LEAFClients(FederatedDataModule):
     def _encode_y(self, values: list, user: str) -> Tensor:
         if values and isinstance(values[0], str):
             return torch.cat([self._encode_text(s, user) for s in values])
-        return torch.tensor(values, dtype=torch.long)
+        labels = torch.tensor(values)
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            bad = float(labels[labels != labels.round()][0])
+            raise ValueError(f"Client {user!r}: expected integer class labels `y` in the LEAF JSON, got {bad}")
+        return labels.long()
 
     def build_population(self) -> Population:
         train_dir, test_dir = self.root / "train", self.root / "test"

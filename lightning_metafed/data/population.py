@@ -56,9 +56,15 @@ class Population:
     #: data module validate and weight a huge lazy population without visiting every client.
     uniform: tuple[int, int | None] | None = None
 
+    #: Whether every client is already held in memory as tensors, so visiting them all is cheap: the
+    #: data module then checks every client once at setup instead of each one as it is loaded.
+    in_memory: bool = False
+
 
 class ListPopulation(Population):
     """Clients given as a list of :class:`ClientData` (optionally named)."""
+
+    in_memory = True
 
     def __init__(self, clients: Sequence[ClientData], names: Sequence[str] | None = None, first_id: int = 0):
         self.clients = list(clients)
@@ -108,6 +114,7 @@ class SubsetPopulation(Population):
         self.base = base
         self.ids = ids
         self.uniform = base.uniform
+        self.in_memory = base.in_memory
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -169,6 +176,7 @@ class LocalPartPopulation(Population):
         self.part = part
         self.fractions = fractions
         self.seed = seed
+        self.in_memory = base.in_memory
         if base.uniform is not None:
             sizes = local_part_sizes(base.uniform[0], fractions, base.uniform[1])
             self.uniform = (sizes[0], None) if part == "train" else (sizes[0] + sizes[self.PARTS.index(part)], sizes[0])

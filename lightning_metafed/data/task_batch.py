@@ -25,12 +25,17 @@ class TaskBatch:
         query_y: ``[m, Q, ...]`` their targets.
         weight: optional ``[m]`` non-negative aggregation weights (e.g. client sample counts).
         client_id: optional ids, a ``[m]`` tensor or a sequence of ``m`` ids.
-        support_mask: optional ``[m, S]``: 1 for real examples, 0 for padding.
+        support_mask: optional ``[m, S]``: 1 (or ``True``) for real examples, 0 for padding; bool or
+            any real dtype holding only 0/1.
         query_mask: optional ``[m, Q]``, likewise.
         num_steps: optional ``[m]`` integer local-step budget per client (heterogeneous compute;
             set by :class:`~lightning_metafed.faults.ClientFaults` during training).
 
-    Shapes are checked on construction; a mismatch raises ``ValueError`` naming the field.
+    Checked on construction (a ``ValueError`` naming the field, the shape received and the shape
+    expected): one ``m`` for every field; ``S`` shared by ``support_x``/``support_y`` and ``Q`` by
+    ``query_x``/``query_y``; support and query of one per-example shape and dtype (inputs, and
+    targets); ``weight`` finite, ``>= 0`` and not all zero; masks of shape ``[m, S]``/``[m, Q]``
+    holding only 0/1.
     Lightning moves the batch between devices like any dataclass.
     """
 
@@ -53,41 +58,75 @@ class TaskBatch:
                 raise ValueError(
                     f"Expected `{name}` to have shape [m, n, ...] (clients, examples, ...), got shape {tuple(value.shape)}"
                 )
+        self._check_data_shapes()
         m = self.support_x.shape[0]
-        for name in ("support_y", "query_x", "query_y"):
-            if getattr(self, name).shape[0] != m:
-                raise ValueError(
-                    f"TaskBatch tensors disagree in the number of clients m: `support_x` has {m}, "
-                    f"`{name}` has {getattr(self, name).shape[0]}"
-                )
-        if self.support_y.shape[1] != self.support_x.shape[1]:
-            raise ValueError(
-                f"Expected `support_y` to have {self.support_x.shape[1]} examples per client like `support_x`, "
-                f"got {self.support_y.shape[1]}"
-            )
-        if self.query_y.shape[1] != self.query_x.shape[1]:
-            raise ValueError(
-                f"Expected `query_y` to have {self.query_x.shape[1]} examples per client like `query_x`, "
-                f"got {self.query_y.shape[1]}"
-            )
         if self.weight is not None:
-            w = torch.as_tensor(self.weight)
-            if w.shape != (m,):
-                raise ValueError(f"Expected `weight` to have shape [{m}], got {tuple(w.shape)}")
-            if not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
-                raise ValueError(f"Expected `weight` to be finite, >= 0 and not all zero, got {w.tolist()}")
-            self.weight = w
-        if self.client_id is not None and len(self.client_id) != m:
-            raise ValueError(f"Expected `client_id` to hold {m} ids, got {len(self.client_id)}")
+            self.weight = torch.as_tensor(self.weight)
+            if self.weight.shape != (m,):
+                raise ValueError(f"Expected `weight` to have shape [{m}], got {tuple(self.weight.shape)}")
+        if self.client_id is not None:
+            if isinstance(self.client_id, Tensor) and self.client_id.dim() != 1:
+                raise ValueError(f"Expected `client_id` to have shape [{m}], got {tuple(self.client_id.shape)}")
+            if len(self.client_id) != m:
+                raise ValueError(f"Expected `client_id` to hold {m} ids, got {len(self.client_id)}")
         for name, x in (("support_mask", self.support_x), ("query_mask", self.query_x)):
             mask = getattr(self, name)
-            if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            if mask is None:
+                continue
+            if not isinstance(mask, Tensor):
+                raise ValueError(f"Expected `{name}` to be a torch.Tensor or None, got {type(mask).__name__}")
+            if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"Expected `{name}` to have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-
+            if mask.is_complex():
+                raise ValueError(f"Expected `{name}` to be a bool or 0/1 tensor, got dtype {mask.dtype}")
         if self.num_steps is not None and (
             not isinstance(self.num_steps, Tensor) or self.num_steps.shape != (m,) or self.num_steps.is_floating_point()
         ):
             raise ValueError(f"Expected `num_steps` to be an integer tensor of shape ({m},), got {self.num_steps!r}")
+        self._check_values()
+
+    def _check_data_shapes(self) -> None:
+        """``m`` shared by the four tensors; S and Q shared by x and y; support and query examples
+        (and targets) of one shape and dtype."""
+        sx, sy, qx, qy = self.support_x, self.support_y, self.query_x, self.query_y
+        m = sx.shape[0]
+        for name in ("support_y", "query_x", "query_y"):
+            value = getattr(self, name)
+            if value.shape[0] != m:
+                raise ValueError(
+                    f"TaskBatch tensors disagree in the number of clients m: `support_x` has {m}, `{name}` has "
+                    f"{value.shape[0]} (expected `{name}` of shape [{m}, ...], got {tuple(value.shape)})"
+                )
+        for y, y_name, x, x_name in ((sy, "support_y", sx, "support_x"), (qy, "query_y", qx, "query_x")):
+            if y.shape[1] != x.shape[1]:
+                raise ValueError(
+                    f"Expected `{y_name}` to have {x.shape[1]} examples per client like `{x_name}`, got {y.shape[1]} "
+                    f"(expected shape [{m}, {x.shape[1]}, ...], got {tuple(y.shape)})"
+                )
+        for q, q_name, s, s_name, what in ((qx, "query_x", sx, "support_x", "inputs"), (qy, "query_y", sy, "support_y", "targets")):
+            if q.shape[2:] != s.shape[2:]:
+                expected = (m, q.shape[1], *s.shape[2:])
+                raise ValueError(
+                    f"Expected `{q_name}` to have shape {expected} ([m, Q] and the per-example shape "
+                    f"{tuple(s.shape[2:])} of `{s_name}`), got {tuple(q.shape)}: support and query {what} must match"
+                )
+            if q.dtype != s.dtype:
+                raise ValueError(f"Expected `{q_name}` to have the dtype of `{s_name}` ({s.dtype}), got {q.dtype}")
+
+    def _check_values(self) -> None:
+        """``weight`` finite, >= 0 and not all zero; masks hold only 0/1 (one device sync for all)."""
+        masks = [(name, getattr(self, name)) for name in ("support_mask", "query_mask") if getattr(self, name) is not None]
+        checks = [((mask == 0) | (mask == 1)).all() for _, mask in masks]
+        w = self.weight
+        if w is not None:
+            checks += [torch.isfinite(w).all() & (w >= 0).all() & (w.sum() > 0)]
+        if not checks or bool(torch.stack([c.to(checks[0].device) for c in checks]).all()):
+            return
+        for name, mask in masks:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                bad = mask[(mask != 0) & (mask != 1)]
+                raise ValueError(f"Expected `{name}` to hold only 0/1 (1: a real example, 0: padding), got {bad[0].item()}")
+        raise ValueError(f"Expected `weight` to be finite, >= 0 and not all zero, got {w.tolist()}")
 
     @property
     def num_clients(self) -> int:

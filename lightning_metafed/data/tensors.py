@@ -10,10 +10,13 @@ from torch import Tensor
 
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, ListPopulation, Population
+from lightning_metafed.files import load_torch_file
 
 __all__ = ["TensorClients", "as_client_data"]
 
 ClientSpec = Any  # (x, y) or ((support_x, support_y), (query_x, query_y))
+#: What to do when a clients file holds objects that ``weights_only`` loading refuses.
+_PLAIN_TENSORS = "TensorClients reads files with weights_only=True: save lists and tuples of plain tensors."
 
 
 def as_client_data(spec: ClientSpec, where: str) -> ClientData:
@@ -72,7 +75,7 @@ class TensorClients(FederatedDataModule):
     @staticmethod
     def _load(split: str, spec: str | list[Any]) -> list[ClientData]:
         if isinstance(spec, str):
-            spec = torch.load(spec, weights_only=True)
+            spec = load_torch_file(spec, "torch.save", weights_only=True, remedy=_PLAIN_TENSORS)
         if not isinstance(spec, Sequence) or isinstance(spec, Tensor):
             raise ValueError(f"Expected `{split}` to be a list of clients or a file holding one, got {type(spec).__name__}")
         return [as_client_data(c, f"`{split}` client {i}") for i, c in enumerate(spec)]

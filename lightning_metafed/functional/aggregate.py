@@ -38,6 +38,7 @@ __all__ = [
     "noisy_clipped_mean",
     "norm_bounded_mean",
     "normalize_weights",
+    "trim_count",
     "trimmed_mean",
     "update_norms",
     "weighted_mean",
@@ -125,18 +126,25 @@ def coordinate_median(updates: Mapping[str, Tensor]) -> Params:
     return out
 
 
+def trim_count(m: int, trim: float) -> int:
+    """``k = ⌊trim·m⌋``, the clients :func:`trimmed_mean` drops from each end of ``m`` values, computed
+    as ``int(trim·m + 1e-9)`` so that an inexact product (``0.29 · 100`` is ``28.999…``) still gives
+    ``⌊trim·m⌋``."""
+    return int(trim * m + 1e-9)
+
+
 def trimmed_mean(updates: Mapping[str, Tensor], trim: float) -> Params:
     """Coordinate-wise ``trim``-trimmed mean (unweighted; Yin et al., 2018): per coordinate, drop the
     ``k = ⌊trim·m⌋`` largest and ``k`` smallest client values and average the other ``m - 2k``.
 
-    ``k`` is computed as ``int(trim·m + 1e-9)`` so that an inexact product (``0.29 · 100`` is
-    ``28.999…`` in floating point) still trims ``⌊trim·m⌋``. When ``m - 2k < 1`` (tiny rounds) the
+    ``k`` is :func:`trim_count` (``int(trim·m + 1e-9)``, so that an inexact product such as
+    ``0.29 · 100 = 28.999…`` still trims ``⌊trim·m⌋``). When ``m - 2k < 1`` (tiny rounds) the
     :func:`coordinate_median` is returned instead. ``trim`` is in ``[0, 0.5)``; ``0`` is the mean.
     """
     if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not 0 <= trim < 0.5:
         raise ValueError(f"Expected `trim` in [0, 0.5), got {trim!r}")
     m = _num_clients(updates)
-    k = int(trim * m + 1e-9)
+    k = trim_count(m, trim)
     if m - 2 * k < 1:
         return coordinate_median(updates)
     return {name: torch.sort(u, dim=0).values[k : m - k].mean(0) for name, u in updates.items()}

@@ -1,7 +1,8 @@
 """The server side of one round, without Lightning: shared by the Lightning module and Flower.
 
 - :mod:`~lightning_metafed.round.pipeline`: the stages (faults → client computation → screening →
-  aggregation or DP) and the :class:`RoundResult` a round returns; :func:`server_step`.
+  aggregation or DP) and the :class:`RoundResult` a round returns.
+- :mod:`~lightning_metafed.round.server`: :func:`server_step`, which never leaves a NaN/inf in the parameters.
 - :mod:`~lightning_metafed.round.computation`: the clients' uploads, or the fast path's mean gradient.
 - :mod:`~lightning_metafed.round.clients`: vmap / loop / chunks / compile over clients; DDP shares.
 - :mod:`~lightning_metafed.round.ledgers`: communication, fault and privacy bookkeeping (checkpointed).
@@ -20,9 +21,8 @@ from lightning_metafed.round.pipeline import (
     UploadScreen,
     sample_survivors,
     screen_and_aggregate,
-    server_step,
-    write_gradients,
 )
+from lightning_metafed.round.server import NonFiniteRoundError, server_step, write_gradients
 from lightning_metafed.round.state import ClientStateStore, InMemoryClientState
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "CommunicationMeter",
     "FaultLedger",
     "InMemoryClientState",
+    "NonFiniteRoundError",
     "PrivacyLedger",
     "RoundCounts",
     "RoundLedgers",

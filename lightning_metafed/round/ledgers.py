@@ -95,6 +95,12 @@ class FaultLedger(CountingLedger):
         self.totals["rejected_uploads"] += counts.rejected
         self.totals["skipped_rounds"] += int(result.aggregate is None)
 
+    def record_nonfinite(self) -> int:
+        """Count a round skipped because it was not finite (``on_nonfinite="skip"``); returns the total.
+        The key exists once such a round happened, so earlier checkpoints read back unchanged."""
+        self.totals["nonfinite_rounds"] = self.totals.get("nonfinite_rounds", 0) + 1
+        return self.totals["nonfinite_rounds"]
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         last, totals = self.last, self.totals
@@ -108,6 +114,8 @@ class FaultLedger(CountingLedger):
         if self.reject_nonfinite:
             out["robust/rejected"] = last.rejected
             out["robust/rejected_total"] = totals["rejected_uploads"]
+        if "nonfinite_rounds" in totals:
+            out["robust/nonfinite_rounds"] = totals["nonfinite_rounds"]
         return out
 
     def summary(self) -> str | None:
@@ -117,6 +125,7 @@ class FaultLedger(CountingLedger):
         return (
             f"Faults: {f['dropped_clients']} client dropouts, {f['skipped_rounds']} rounds skipped, "
             f"{f['byzantine_uploads']} Byzantine uploads, {f['rejected_uploads']} non-finite uploads rejected"
+            + (f", {f['nonfinite_rounds']} non-finite rounds skipped" if "nonfinite_rounds" in f else "")
         )
 
 

@@ -6,7 +6,7 @@
 :meth:`RoundPipeline.run` reads top to bottom; each stage is a function or a small frozen object
 with typed inputs and outputs. The round returns a :class:`RoundResult` value; the owner (the
 Lightning module, or the Flower server) records it in its ledgers and takes the server step with
-:func:`server_step`. The Flower server runs the same :class:`UploadScreen`, :class:`Aggregation`
+:func:`~lightning_metafed.round.server.server_step`. The Flower server runs the same :class:`UploadScreen`, :class:`Aggregation`
 and :func:`server_step` on the uploads it receives.
 """
 
@@ -28,10 +28,11 @@ from lightning_metafed.functional.aggregate import finite_clients
 from lightning_metafed.functional.client_task import Aux, Params
 from lightning_metafed.privacy import ClientDP
 from lightning_metafed.round.computation import ClientComputation, Uploads
+from lightning_metafed.round.server import NonFiniteRoundError, server_step, write_gradients
 
 __all__ = [
     "Aggregation", "RoundCounts", "RoundPipeline", "RoundResult", "StateRows", "UploadScreen",
-    "sample_survivors", "screen_and_aggregate", "server_step", "write_gradients",
+    "sample_survivors", "screen_and_aggregate", "server_step", "write_gradients",  # the last two from round.server
 ]
 
 
@@ -136,9 +137,10 @@ class UploadScreen:
         if rejected == 0:
             return uploads, counts
         if rejected == m:
-            raise FloatingPointError(
+            raise NonFiniteRoundError(
                 f"Round {round_idx}: every one of the {m} client uploads holds NaN/inf (the clients' inner "
-                "loops diverged or their data holds NaN/inf); lower the inner or server learning rate"
+                "loops diverged or their data holds NaN/inf); lower the inner or server learning rate",
+                stage="uploads",
             )
         if self.warn_rejections:
             self.warn(
@@ -173,9 +175,10 @@ def check_finite_aggregate(aggregate: Mapping[str, Tensor], round_idx: int, fini
     """Raise before a non-finite aggregate can reach the parameters (``finite``: already checked)."""
     if not (all_finite(aggregate) if finite is None else finite):
         name = next(k for k, v in aggregate.items() if not torch.isfinite(v).all())
-        raise FloatingPointError(
+        raise NonFiniteRoundError(
             f"Round {round_idx}: the aggregated update of parameter {name!r} is not finite "
-            "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate"
+            "(a client's loss diverged or its data holds NaN/inf); lower the inner or server learning rate",
+            stage="uploads",
         )
 
 
@@ -229,31 +232,3 @@ class RoundPipeline:
 
 def _means(aux: Aux) -> dict[str, Tensor]:
     return {k: v.mean() for k, v in aux.items()}
-
-
-def server_step(
-    optimizer: Any, params: Mapping[str, Tensor], aggregate: Params | None, scale: Callable[[Tensor], Tensor] | None = None
-) -> None:
-    """The server optimizer's step with ``.grad`` = the aggregate (``None``: no gradient at all, so the
-    optimizer leaves every parameter and its state alone; the step still counts). Parameters that do
-    not require grad (frozen) get no gradient, so no optimizer moves them.
-
-    ``scale``: a mixed-precision gradient scaler's ``scale`` (it multiplies by the loss scale that
-    the scaler divides ``.grad`` by in the step), so the parameters move by the aggregate itself.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    write_gradients(params, aggregate, scale)
-    optimizer.step()
-
-
-def write_gradients(
-    params: Mapping[str, Tensor], aggregate: Params | None, scale: Callable[[Tensor], Tensor] | None = None
-) -> None:
-    """``.grad`` = the aggregate (times ``scale``) for every parameter that requires grad; ``None``
-    everywhere when there is no aggregate."""
-    for name, p in params.items():
-        if aggregate is None or not p.requires_grad:
-            p.grad = None
-        else:
-            grad = aggregate[name].to(p.dtype)
-            p.grad = grad if scale is None else scale(grad)

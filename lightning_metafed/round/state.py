@@ -67,4 +67,47 @@ class InMemoryClientState:
         return {"rows": {k: dict(v) for k, v in self.rows.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rows = {k: dict(v) for k, v in state["rows"].items()}
+        """Restore what :meth:`state_dict` returned: ``{"rows": {client key: {name: tensor}}}``.
+
+        Raises:
+            ValueError: naming the entry that is malformed (``state`` or its ``rows`` not a mapping,
+                a client's row not ``{name: tensor}``, or with other entries or shapes than a new
+                client's initial row) and what was expected; the store is left unchanged.
+        """
+        self.rows = _checked_rows(state, self.initial)
+
+
+def _checked_rows(state: Any, initial: Callable[[Any], Mapping[str, Tensor]]) -> dict[Any, Params]:
+    """The rows of a per-client state dict, each checked to hold the entries and shapes of a new
+    client's initial row (what :meth:`InMemoryClientState.gather` stacks them with)."""
+    rows = state.get("rows") if isinstance(state, Mapping) else None
+    if not isinstance(rows, Mapping):
+        found = f"a {type(state).__name__}" if not isinstance(state, Mapping) else (
+            f"'rows' holding a {type(rows).__name__}" if "rows" in state else f"keys {sorted(map(str, state))}"
+        )
+        raise ValueError(f"Expected the per-client state to be a mapping {{'rows': {{client id: {{name: tensor}}}}}}, got {found}")
+    checked: dict[Any, Params] = {}
+    expected: dict[str, tuple[int, ...]] | None = None
+    for key, row in rows.items():
+        if not isinstance(row, Mapping):
+            raise ValueError(f"Per-client state of client {key!r}: expected a mapping {{name: tensor}}, got a {type(row).__name__}")
+        for name, value in row.items():
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"Per-client state of client {key!r}: expected entry {name!r} to be a tensor, got a {type(value).__name__}"
+                )
+        if expected is None:
+            expected = {name: tuple(value.shape) for name, value in initial(key).items()}
+        shapes = {name: tuple(value.shape) for name, value in row.items()}
+        if shapes != expected:
+            raise ValueError(
+                f"Per-client state of client {key!r}: expected the entries and shapes of a new client's row "
+                f"{_describe(expected)}, got {_describe(shapes)}"
+            )
+        checked[key] = dict(row)
+    return checked
+
+
+def _describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """``{'name': [shape], ...}`` sorted by name."""
+    return "{" + ", ".join(f"{name!r}: {list(shape)}" for name, shape in sorted(shapes.items(), key=lambda item: str(item[0]))) + "}"

@@ -43,7 +43,10 @@ def test_step_budgets_under_vmap_equal_the_loop_and_stopping_early(name):
     vec = BUDGETED[name](3).client_updates(batch)
     loop = BUDGETED[name](3, vectorize=False).client_updates(batch)
     for i, steps in enumerate(budgets.tolist()):
-        reference = BUDGETED[name](steps).client_updates(replace(batch[i], num_steps=None))
+        if name == "reptile" and steps == 0:  # Reptile(inner_steps=0) is refused: its upload θ − θ is zero
+            reference = {k: torch.zeros_like(v[i : i + 1]) for k, v in vec.items()}
+        else:
+            reference = BUDGETED[name](steps).client_updates(replace(batch[i], num_steps=None))
         for key in vec:
             torch.testing.assert_close(loop[key][i], reference[key][0], msg=f"loop {key} client {i}")
             torch.testing.assert_close(vec[key][i], reference[key][0], msg=f"vmap {key} client {i}")
