@@ -166,8 +166,10 @@ def main(args: Any = None) -> None:
     if args is None:  # LightningCLI reads sys.argv itself; it must not see --debug
         debug, rest = debug_requested(sys.argv[1:])
         sys.argv[1:] = rest
-    else:
+    elif isinstance(args, (list, tuple)):
         debug, args = debug_requested(list(args))
+    else:  # a dict or namespace of arguments
+        debug, _ = debug_requested([])
     try:
         build_cli(args)
     except Exception as error:  # noqa: BLE001 - report() re-raises what is not a user error

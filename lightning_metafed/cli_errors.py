@@ -2,9 +2,10 @@
 
 An error raised while the CLI parses, builds or runs (a bad argument value, an unreadable file, a
 diverged round) reaches the user wrapped in the argument parser's own errors. :func:`user_message`
-picks the sentence that says what is wrong (the outermost error raised by this library, else the
-first not raised by the parser) and :func:`report` prints it with the hint to rerun with
-``--debug`` (or ``METAFED_DEBUG=1``) for the full traceback.
+picks the sentence that says what is wrong: the outermost error this library raised on purpose (by
+a ``raise`` statement in its code), else an ``OSError`` (a file or the disk). :func:`report`
+prints it with the hint to rerun with ``--debug`` (or ``METAFED_DEBUG=1``) for the full
+traceback. Anything else (a bug here, in the user's net, in a dependency) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ __all__ = ["DEBUG_ENV", "USER_ERRORS", "debug_requested", "report", "user_messag
 
 #: Environment variable that shows full tracebacks (any value but "", "0" or "false").
 DEBUG_ENV = "METAFED_DEBUG"
-#: The error types a user can act on from their message alone.
+#: The error types this library raises for a user's mistake.
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_PARSER = f"{os.sep}jsonargparse{os.sep}"
 
 
 def debug_requested(args: Sequence[str]) -> tuple[bool, list[str]]:
     """Whether ``--debug`` is among ``args`` or set in the environment; ``args`` without it."""
     rest = [a for a in args if a != "--debug"]
-    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-    return env or len(rest) != len(args), rest
+    if len(rest) != len(args):
+        os.environ[DEBUG_ENV] = "1"  # DDP processes started from sys.argv see it too
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"), rest
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -40,18 +41,22 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
 
 
-def _raised_in(error: BaseException) -> str:
+def _raised_on_purpose(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement in this library's code."""
     frames = traceback.extract_tb(error.__traceback__)
-    return os.path.abspath(frames[-1].filename) if frames else ""
+    if not frames:
+        return False
+    last = frames[-1]
+    return os.path.abspath(last.filename).startswith(_PACKAGE) and (last.line or "").lstrip().startswith("raise")
 
 
 def user_message(error: BaseException) -> str | None:
     """The one-paragraph message for ``error``, or ``None`` when it is not a user error (a bug,
     whose traceback should be shown)."""
     chain = list(_chain(error))
-    ours = [e for e in chain if _raised_in(e).startswith(_PACKAGE) and isinstance(e, USER_ERRORS)]
-    outside_parser = [e for e in chain if _PARSER not in _raised_in(e) and isinstance(e, USER_ERRORS)]
-    chosen = ours[0] if ours else (outside_parser[0] if outside_parser else None)
+    ours = [e for e in chain if isinstance(e, USER_ERRORS) and _raised_on_purpose(e)]
+    files = [e for e in chain if isinstance(e, OSError)]
+    chosen = ours[0] if ours else (files[0] if files else None)
     if chosen is None:
         return None
     text = str(chosen.args[0]) if isinstance(chosen, KeyError) and chosen.args else str(chosen)

@@ -16,7 +16,7 @@ from typing import Any
 from jsonargparse import Namespace, dict_to_namespace
 
 from lightning_metafed.checkpoint import AtomicCheckpointIO
-from lightning_metafed.resume import OPTIMIZER_KEY
+from lightning_metafed.resume import OPTIMIZER_KEY, init_arguments
 
 __all__ = ["checkpoint_config"]
 
@@ -25,14 +25,15 @@ _NOT_ARGUMENTS = {"_class_path", "_instantiator"}
 
 def as_config(value: Any) -> Any:
     """A hyperparameter as the parser holds it: ``class_path``/``init_args`` dicts as namespaces,
-    library config objects as their class path and attributes."""
+    library config objects as their class path and constructor arguments (nested ones too)."""
     if isinstance(value, Mapping):
         if "class_path" in value:
             return dict_to_namespace({"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})})
         return dict(value)
     if hasattr(value, "__dict__") and type(value).__module__.startswith("lightning_metafed"):
         path = f"{type(value).__module__}.{type(value).__qualname__}"
-        return dict_to_namespace({"class_path": path, "init_args": dict(vars(value))})
+        arguments = {k: as_config(v) for k, v in init_arguments(value).items()}
+        return Namespace(class_path=path, init_args=Namespace(**arguments))
     return value
 
 
@@ -56,7 +57,9 @@ def optimizer_section(section: Namespace | None, checkpoint: Mapping[str, Any]) 
     states = checkpoint.get("optimizer_states") or []
     if section is None or not states or not hasattr(section, "class_path"):
         return section
-    group = {k: v for k, v in states[0]["param_groups"][0].items() if k not in ("params", "initial_lr")}
+    saved = states[0]["param_groups"][0]
+    group = {k: v for k, v in saved.items() if k not in ("params", "initial_lr")}
+    group["lr"] = saved.get("initial_lr", saved["lr"])  # the configured lr, not where a scheduler took it
     class_path = checkpoint.get(OPTIMIZER_KEY, section.class_path)
     if class_path != section.class_path:
         module, _, name = class_path.rpartition(".")

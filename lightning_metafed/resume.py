@@ -6,14 +6,19 @@ compares the checkpoint's hyperparameters with this run's, section by section:
 - ``model``: the module's hyperparameters (``inner_steps``, the inner optimizer, the aggregator, ...);
 - ``data``: the data module's (``clients_per_round``, ``seed``, ...);
 - ``server_optimizer``: the server optimizer's class and its hyperparameters (``lr``, ``betas``, ...).
+  Under an LR scheduler the configured ``lr`` (the scheduler's ``initial_lr``) is compared, not where
+  the schedule has taken it, and entries a scheduler moves (``betas``, ``momentum``) are left out.
+
+Objects (an aggregator, the inner optimizer) compare by their constructor arguments, so a checkpoint
+written through the Python API and a ``class_path`` config compare alike.
 
 :class:`ResumeCheck` (attached by every :class:`~lightning_metafed.MetaFedModule` unless the Trainer
 already has one) then applies its ``prefer`` policy:
 
 - ``"error"`` (default): stop before training and list every difference;
 - ``"config"``: this run's values win. The module and data are already built from them; the server
-  optimizer keeps its state (moments, step counts) with this run's hyperparameters, or starts afresh
-  when its class changed (with a warning);
+  optimizer keeps its state (moments, step counts) with this run's hyperparameters (a schedule keeps
+  its position, from this run's base lr), or starts afresh when its class changed (with a warning);
 - ``"checkpoint"``: the checkpoint's values win. The ``metafed`` CLI rebuilds the module and data from
   the checkpoint's hyperparameters (so ``config.yaml`` records them); through the Python API the
   objects are already built, so differences in ``model``/``data`` stop the run with a message on how
@@ -31,13 +36,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["ResumeCheck", "config_differences", "optimizer_differences", "plain", "resume_differences"]
+__all__ = ["ResumeCheck", "config_differences", "init_arguments", "optimizer_differences", "plain", "resume_differences"]
 
 Prefer = Literal["error", "config", "checkpoint"]
 #: Where a checkpoint records the server optimizer's class (``module.qualname``).
 OPTIMIZER_KEY = "metafed_server_optimizer"
 _SKIPPED = {"_instantiator"}
-_GROUP_SKIPPED = {"params", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+_GROUP_SKIPPED = {"params", "initial_lr", "foreach", "fused", "capturable", "differentiable", "max_lr", "min_lr"}
+#: Param-group entries a scheduler may move during training (compared only without schedulers).
+_SCHEDULED = {"betas", "momentum", "base_momentum", "max_momentum"}
 _MISSING = "<not set>"
 
 
@@ -53,9 +60,18 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, (str, int, float, bool, type(None))):
         return value
-    if hasattr(value, "__dict__") and not callable(value):
-        return {"class": type(value).__name__, **{k: plain(v) for k, v in vars(value).items()}}
+    if hasattr(value, "__dict__") and not (inspect.isclass(value) or inspect.isroutine(value)):
+        return {"class": type(value).__name__, **{k: plain(v) for k, v in init_arguments(value).items()}}
     return repr(value)
+
+
+def init_arguments(obj: Any) -> dict[str, Any]:
+    """``obj``'s attributes that are also arguments of its constructor (its configuration)."""
+    try:
+        accepted = set(inspect.signature(type(obj).__init__).parameters) - {"self"}
+    except (TypeError, ValueError):
+        return dict(vars(obj))
+    return {k: v for k, v in vars(obj).items() if k in accepted}
 
 
 def init_defaults(obj: Any) -> dict[str, Any]:
@@ -103,14 +119,24 @@ def optimizer_differences(checkpoint: Mapping[str, Any], fresh: Any) -> tuple[li
     states = checkpoint.get("optimizer_states") or []
     if not states:
         return [], False
-    saved_group = {k: v for k, v in states[0]["param_groups"][0].items() if k not in _GROUP_SKIPPED}
-    new_group = {k: v for k, v in fresh.param_groups[0].items() if k not in _GROUP_SKIPPED}
+    scheduled = bool(checkpoint.get("lr_schedulers"))
+    saved_group = group_hyperparameters(states[0]["param_groups"][0], scheduled)
+    new_group = group_hyperparameters(fresh.param_groups[0], scheduled)
     saved_class, new_class = checkpoint.get(OPTIMIZER_KEY), optimizer_class(fresh)
     changed = saved_class != new_class if saved_class is not None else set(saved_group) != set(new_group)
     if changed:
         was = saved_class or f"an optimizer with {sorted(saved_group)}"
         return [f"server_optimizer: checkpoint {was}, this run {new_class}"], True
     return config_differences("server_optimizer", saved_group, new_group), False
+
+
+def group_hyperparameters(group: Mapping[str, Any], scheduled: bool) -> dict[str, Any]:
+    """A param group's configured hyperparameters: a scheduler's ``initial_lr`` stands for ``lr`` (the
+    scheduled value moves every step), and with a scheduler the entries it may move are left out."""
+    out = {k: v for k, v in group.items() if k not in _GROUP_SKIPPED and not (scheduled and k in _SCHEDULED)}
+    if "initial_lr" in group:
+        out["lr"] = group["initial_lr"]
+    return out
 
 
 def apply_config_optimizer(checkpoint: dict[str, Any], fresh: Any, class_changed: bool) -> None:
@@ -121,11 +147,17 @@ def apply_config_optimizer(checkpoint: dict[str, Any], fresh: Any, class_changed
         checkpoint["lr_schedulers"] = []
         rank_zero_warn("Resuming with a different server optimizer class: its state (moments, step counts) starts afresh.")
         return
+    scheduled = bool(checkpoint.get("lr_schedulers"))
     for saved, new in zip(checkpoint["optimizer_states"][0]["param_groups"], fresh.param_groups):
-        saved.update({k: v for k, v in new.items() if k not in ("params", "initial_lr")})
+        old_base, new_base = saved.get("initial_lr", saved["lr"]), new.get("initial_lr", new["lr"])
+        saved.update({k: v for k, v in group_hyperparameters(new, scheduled).items() if k != "lr"})
+        # Where the schedule stands is kept; its base moves to this run's lr.
+        saved["lr"] = saved["lr"] * new_base / old_base if scheduled and old_base else new_base
+        if "initial_lr" in saved:
+            saved["initial_lr"] = new_base
     for scheduler in checkpoint.get("lr_schedulers") or []:
         if "base_lrs" in scheduler:
-            scheduler["base_lrs"] = [group["lr"] for group in fresh.param_groups]
+            scheduler["base_lrs"] = [group.get("initial_lr", group["lr"]) for group in fresh.param_groups]
 
 
 class ResumeCheck(Callback):

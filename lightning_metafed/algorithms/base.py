@@ -29,7 +29,13 @@ from lightning_metafed.algorithms.arguments import as_batch, check_common_argume
 from lightning_metafed.algorithms.backends import make_backend
 from lightning_metafed.algorithms.bookkeeping import LedgerHooks
 from lightning_metafed.algorithms.setup_checks import SetupCheckHooks
-from lightning_metafed.algorithms.trainer_access import attached_trainer, grad_scaler, is_logging_step, round_world
+from lightning_metafed.algorithms.trainer_access import (
+    attached_trainer,
+    count_step_without_update,
+    grad_scaler,
+    is_logging_step,
+    round_world,
+)
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.adapt import iterate_adaptation
@@ -162,7 +168,12 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
     def uses_builtin_loss(self) -> bool:
         """Whether :meth:`compute_loss` is the built-in MSE / cross-entropy (then the first batch's
         targets are checked against the net's output shape)."""
-        return type(self).compute_loss is MetaFedModule.compute_loss
+        return type(self).compute_loss is MetaFedModule.compute_loss and self.uses_builtin_forward()
+
+    def uses_builtin_forward(self) -> bool:
+        """Whether :meth:`functional_loss` feeds the features to the net unchanged (then the first
+        batch of each stage is probed with one forward; see ``algorithms/setup_checks.py``)."""
+        return type(self).functional_loss is MetaFedModule.functional_loss
 
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask) -> tuple[Params, Aux]:
         """One client's upload ``{module param name: tensor}`` and detached diagnostics.
@@ -305,16 +316,16 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             for key, value in self.backend.round_diagnostics(self, batch).items():
                 self.log(f"train/{key}", value, on_step=True, batch_size=batch.num_clients)
         optimizer, scaler = self.optimizers(), grad_scaler(self.trainer)
+        result = None
         try:
             result = self.run_round(batch)
             if result.aggregate is None:
                 rank_zero_info(f"Round {self.global_step}: all {batch.num_clients} sampled clients dropped out; server step skipped")
-            scale = None if scaler is None else scaler.scale
-            server_step(optimizer, dict(self.named_parameters()), result.aggregate, scale, self.global_step)
+            self._server_step(optimizer, scaler, result.aggregate)
         except NonFiniteRoundError as error:
             if self.on_nonfinite == "raise":
                 raise
-            self._skip_nonfinite_round(error, optimizer)
+            self._skip_nonfinite_round(error, optimizer, scaler, result)
             return None
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -326,11 +337,23 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         meta_loss = result.diagnostics.get("query_loss", result.diagnostics.get("support_loss"))
         return meta_loss.detach() if meta_loss is not None else None
 
-    def _skip_nonfinite_round(self, error: NonFiniteRoundError, optimizer: Any) -> None:
-        """``on_nonfinite="skip"``: the round leaves the parameters as they were, but counts as a step
-        (an empty server step when the uploads failed; the restored step otherwise)."""
+    def _server_step(self, optimizer: Any, scaler: Any, aggregate: Params | None) -> None:
+        """The guarded server step; without an aggregate under a gradient scaler (which cannot step
+        without gradients), the step is only counted."""
+        if aggregate is None and scaler is not None:
+            count_step_without_update(optimizer)
+            return
+        server_step(optimizer, dict(self.named_parameters()), aggregate, None if scaler is None else scaler.scale, self.global_step)
+
+    def _skip_nonfinite_round(self, error: NonFiniteRoundError, optimizer: Any, scaler: Any, result: RoundResult | None) -> None:
+        """``on_nonfinite="skip"``: the parameters and the server optimizer stay as they were; the round
+        still counts as a step (an empty one when the uploads failed), steps the scheduler and spends
+        its privacy."""
         if error.stage == "uploads":
-            server_step(optimizer, dict(self.named_parameters()), None)
-        total = self.ledgers.faults.record_nonfinite()
+            self._server_step(optimizer, scaler, None)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        total = self.ledgers.record_nonfinite(result if error.stage == "server step" else None)
         rank_zero_warn(f"{error} Skipping the round (`on_nonfinite='skip'`).")
         self.log("robust/nonfinite_rounds", float(total), on_step=True, batch_size=1)

@@ -9,6 +9,9 @@ against the number of outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ from lightning_metafed.algorithms.arguments import as_batch
 from lightning_metafed.algorithms.trainer_access import attached_trainer
 from lightning_metafed.data.task_batch import TaskBatch
 
-__all__ = ["SetupError", "SetupCheckHooks", "check_batch_fits_net", "check_task", "check_labels", "check_precision", "check_world_size", "degenerate_aggregator"]
+__all__ = ["BatchProbe", "SetupError", "SetupCheckHooks", "check_batch_fits_net", "check_task", "check_labels", "check_precision", "check_world_size", "degenerate_aggregator"]
 
 class SetupError(ValueError):
     """A configuration refused at setup; every DDP process raises the same one (``every_rank``), so
@@ -78,29 +81,55 @@ def degenerate_aggregator(aggregator: Any, clients_per_round: int | None) -> str
     return reason(clients_per_round)
 
 
-def check_batch_fits_net(net: nn.Module, batch: TaskBatch, task: str, targets: bool = True) -> None:
-    """One forward of the first client's support examples: the feature dtype equals the net's, and
-    (``targets``: the built-in losses) the output fits the targets (regression: one output per
-    target value; classification: integral labels of every client in ``[0, number of outputs)``)."""
+@dataclass(frozen=True)
+class BatchProbe:
+    """How :func:`check_batch_fits_net` probes a batch: ``targets`` (the built-in losses: check the
+    output against the targets), ``dtype`` (check the features' dtype; off under mixed precision,
+    where autocast accepts half-precision inputs), ``query_labels`` (off at predict, whose query
+    targets may be placeholders) and the ``context`` the forward runs in (e.g. autocast)."""
+
+    targets: bool = True
+    dtype: bool = True
+    query_labels: bool = True
+    context: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+
+def check_batch_fits_net(net: nn.Module, batch: TaskBatch, task: str, probe: BatchProbe = BatchProbe()) -> None:
+    """One forward (eval mode, no gradient) of the first client's support examples: the feature
+    dtype equals the net's, and the output fits the targets (regression: one output per target
+    value; classification: the real (unmasked) labels integral and in ``[0, number of outputs)``)."""
     x, y = batch.support_x[0], batch.support_y[0]
     dtypes = {p.dtype for p in net.parameters() if p.is_floating_point()}
-    if x.is_floating_point() and dtypes and x.dtype not in dtypes:
+    if probe.dtype and x.is_floating_point() and dtypes and x.dtype not in dtypes:
         raise ValueError(
             f"Expected the clients' features to have the net's dtype {sorted(map(str, dtypes))}, got {x.dtype}: "
             f"convert the data (e.g. `x.to({next(iter(dtypes))})`) or the net (`net.to(dtype)`)"
         )
-    with torch.no_grad():
-        pred = net(x)
-    if not targets:
+    training = net.training
+    try:
+        with torch.no_grad(), probe.context():
+            pred = net.eval()(x)
+    except Exception as error:
+        raise ValueError(f"The net cannot run on a client's support features (shape {tuple(x.shape)}, {x.dtype}): {error}") from error
+    finally:
+        net.train(training)
+    if not probe.targets:
         return
     if task == "classification":
-        check_labels(pred, torch.cat([batch.support_y.flatten(), batch.query_y.flatten()]))
+        labels = [_real(batch.support_y, batch.support_mask)]
+        labels += [_real(batch.query_y, batch.query_mask)] if probe.query_labels else []
+        check_labels(pred, torch.cat(labels))
     elif pred.numel() != y.numel():
         raise ValueError(
             f"Expected the net's output to hold one value per regression target: the net maps features "
             f"{tuple(x.shape)} to {tuple(pred.shape)}, but the targets have shape {tuple(y.shape)}; "
             "fix the net's output size (or use task='classification' for class labels)"
         )
+
+
+def _real(y: Tensor, mask: Tensor | None) -> Tensor:
+    """The targets of real examples (padding, where ``mask`` is 0, left out), flattened."""
+    return (y if mask is None else y[mask.bool()]).flatten()
 
 
 def check_labels(logits: Tensor, y: Tensor) -> None:
@@ -131,7 +160,8 @@ class SetupCheckHooks:
         trainer = attached_trainer(self)
         if trainer is None:
             return
-        check_precision(trainer.precision)
+        if stage == "fit":  # the refusal is about the meta-parameters and the server step
+            check_precision(trainer.precision)
         clients_per_round = getattr(trainer.datamodule, "clients_per_round", None)
         builtin_loss = getattr(self, "uses_builtin_loss", lambda: True)()
         spec = getattr(trainer.datamodule, "data_spec", None)
@@ -148,9 +178,18 @@ class SetupCheckHooks:
         checked = getattr(self, "_batches_checked", None)
         if checked is None or stage in checked:
             return
-        builtin_loss = getattr(self, "uses_builtin_loss", lambda: True)()
-        check_batch_fits_net(self.net, as_batch(batch), self.task, targets=builtin_loss)
         checked.add(stage)
+        if not getattr(self, "uses_builtin_forward", lambda: True)():
+            return  # a custom functional_loss may transform the features: no probe can stand for it
+        trainer = attached_trainer(self)
+        mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
+        probe = BatchProbe(
+            targets=getattr(self, "uses_builtin_loss", lambda: True)(),
+            dtype=not mixed,
+            query_labels=stage != "predict",
+            context=trainer.precision_plugin.forward_context if trainer is not None else nullcontext,
+        )
+        check_batch_fits_net(self.net, as_batch(batch), self.task, probe)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._check_first_batch(batch, "train")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 from lightning_metafed.round import World
 
-__all__ = ["attached_trainer", "grad_scaler", "is_logging_step", "round_world"]
+__all__ = ["attached_trainer", "count_step_without_update", "grad_scaler", "is_logging_step", "round_world"]
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -44,3 +44,17 @@ def grad_scaler(trainer: pl.Trainer | None) -> Any:
     ``None``. It divides ``.grad`` by its scale in the optimizer step, so the server step writes
     ``scaler.scale(aggregate)``; the fast path's backward runs on the loss times that scale."""
     return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
+
+
+def count_step_without_update(optimizer: Any) -> None:
+    """A round without an update that still counts as one optimizer step (the round index is the
+    step count). Under a gradient scaler ``optimizer.step()`` would fail without gradients, so only
+    Lightning's step hooks run (they count manual optimization steps); a plain optimizer steps with
+    no gradients, which leaves its parameters and state alone."""
+    optimizer.zero_grad(set_to_none=True)
+    before, after = getattr(optimizer, "_on_before_step", None), getattr(optimizer, "_on_after_step", None)
+    if before is None or after is None:
+        optimizer.step()
+        return
+    before()
+    after()

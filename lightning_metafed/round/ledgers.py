@@ -175,8 +175,12 @@ class PrivacyLedger:
 
     def record(self, result: RoundResult) -> None:
         # Every round counts, skipped ones included (conservative: skipping depends on no data).
-        self.accountant.step(noise_multiplier=self.privacy.noise_multiplier, sample_rate=self.sample_rate)
+        self.count_round()
         self.last_clipped = result.counts.clipped
+
+    def count_round(self) -> None:
+        """One more round spent (also a round skipped because it was not finite: it used the data)."""
+        self.accountant.step(noise_multiplier=self.privacy.noise_multiplier, sample_rate=self.sample_rate)
 
     def epsilon(self) -> float:
         """``ε`` at ``privacy.delta`` after the rounds so far; ``0`` before any."""
@@ -220,6 +224,15 @@ class RoundLedgers:
     def record(self, result: RoundResult) -> None:
         for ledger in self.all():
             ledger.record(result)
+
+    def record_nonfinite(self, result: RoundResult | None) -> int:
+        """A round skipped because it was not finite: its result (``None`` when the uploads failed)
+        is recorded, or else the privacy it spent; returns the number of such rounds."""
+        if result is not None:
+            self.record(result)
+        elif self.privacy is not None:
+            self.privacy.count_round()
+        return self.faults.record_nonfinite()
 
     def metrics(self) -> dict[str, float]:
         return {k: v for ledger in self.all() for k, v in ledger.metrics().items()}

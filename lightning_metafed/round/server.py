@@ -44,13 +44,20 @@ class StepSnapshot:
     @classmethod
     def take(cls, optimizer: Any, params: Mapping[str, Tensor]) -> StepSnapshot:
         saved = {k: p.detach().clone() for k, p in params.items()}
-        return cls(saved, copy.deepcopy(optimizer.state_dict()))
+        return cls(saved, copy.deepcopy(unwrapped(optimizer).state_dict()))
 
     def restore(self, optimizer: Any, params: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(self.params[k])
-        optimizer.load_state_dict(self.optimizer_state)
+        unwrapped(optimizer).load_state_dict(self.optimizer_state)
+
+
+def unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer behind a wrapper that delegates to it (Lightning's ``LightningOptimizer``
+    keeps it as ``.optimizer``; loading state into the wrapper would not reach it)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 def nonfinite_names(params: Mapping[str, Tensor]) -> list[str]:
@@ -105,6 +112,9 @@ def server_step(
     if snapshot is None:
         return
     bad = nonfinite_names(params)
+    if bad:
+        already = set(nonfinite_names(snapshot.params))  # e.g. a frozen parameter: not this step's doing
+        bad = [name for name in bad if name not in already]
     if bad:
         cause = diagnose_server_step(optimizer, params, bad)
         snapshot.restore(optimizer, params)

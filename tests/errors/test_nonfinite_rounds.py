@@ -56,13 +56,17 @@ def test_a_float16_net_never_ends_a_fit_with_nan_parameters():
         torch.testing.assert_close(v.detach(), before[k], rtol=0, atol=0)
 
 
-def test_skip_option_keeps_training_with_finite_parameters_and_counts_the_rounds():
+def test_skip_option_keeps_training_with_finite_parameters_and_optimizer_state():
     model = fp16_model(on_nonfinite="skip")
+    trainer = quiet_trainer(max_steps=3)
     with pytest.warns(UserWarning, match="Skipping the round"):
-        quiet_trainer(max_steps=3).fit(model, loader(*[half_batch() for _ in range(3)]))
+        trainer.fit(model, loader(*[half_batch() for _ in range(3)]))
     assert model.global_step == 3
     assert all(torch.isfinite(v).all() for v in model.parameters())
     assert model.fault_counts["nonfinite_rounds"] >= 1
+    # the optimizer the Trainer steps and checkpoints (not only Lightning's wrapper) was restored too
+    state = [v for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in state)
 
 
 def test_nonfinite_uploads_are_blamed_on_the_clients_and_can_be_skipped():
@@ -83,3 +87,33 @@ def test_nonfinite_uploads_are_blamed_on_the_clients_and_can_be_skipped():
 def test_on_nonfinite_is_validated():
     with pytest.raises(ValueError, match="Expected `on_nonfinite` to be 'raise' or 'skip', got 'ignore'"):
         lm.MAML(mlp(), on_nonfinite="ignore")
+
+
+def test_a_skipped_round_steps_the_scheduler_and_spends_privacy():
+    from lightning_metafed.round import RoundLedgers
+
+    ledgers = RoundLedgers(None, True, lm.ClientDP(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.1))
+    assert ledgers.record_nonfinite(None) == 1 and len(ledgers.privacy.accountant.history) == 1
+    batch = sinusoid_batch(3)
+    batch.support_y[:, 0, 0] = float("nan")
+    model = lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01), on_nonfinite="skip",
+                    server_lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+    trainer = quiet_trainer(max_steps=2)
+    with pytest.warns(UserWarning, match="Skipping the round"):
+        trainer.fit(model, loader(batch, batch))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+
+
+def test_an_empty_step_under_16_mixed_counts_without_crashing():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    batch = sinusoid_batch(3).to(dtype=torch.float32)
+    batch.support_y[:, 0, 0] = float("inf")
+    model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.01), on_nonfinite="skip")
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    with pytest.warns(UserWarning, match="Skipping the round"):
+        quiet_trainer(max_steps=1, plugins=[plugin]).fit(model, loader(batch))
+    assert model.global_step == 1
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.detach(), before[k], rtol=0, atol=0)

@@ -84,3 +84,27 @@ def test_objects_and_cli_dicts_compare_alike_and_new_defaults_are_not_difference
     assert config_differences("model", {"a": 1}, {"a": 1, "new": "skip"}, {"new": "raise"}) == [
         "model.new: checkpoint '<not set>', this run 'skip'"
     ]
+
+
+def scheduled(lr: float = 1e-3):
+    return lm.MAML(mlp(), inner_optimizer=SGD(lr=0.01), server_optimizer=functools.partial(torch.optim.Adam, lr=lr),
+                   server_lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+
+
+def test_a_scheduled_lr_is_not_a_difference_and_config_rescales_the_schedule(tmp_path):
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(scheduled(), loader(*BATCHES))
+    path = tmp_path / "scheduled.ckpt"
+    trainer.save_checkpoint(path)
+    assert resume(scheduled(), path).global_step == 4  # unchanged config: the decayed lr is not a difference
+    with pytest.raises(ValueError, match=r"server_optimizer.lr: checkpoint 0.001, this run 0.002"):
+        resume(scheduled(lr=2e-3), path)
+    again = quiet_trainer(max_steps=2, callbacks=[lm.ResumeCheck(prefer="config")])
+    again.fit(scheduled(lr=2e-3), loader(*BATCHES), ckpt_path=str(path))
+    assert again.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)  # two decays from the new base
+
+
+def test_objects_compare_by_their_constructor_arguments():
+    cli = {"class_path": "lightning_metafed.Mean", "init_args": {"weighted": True}}
+    assert plain(lm.Mean()) == plain(cli)
+    assert plain(lm.aggregators.Bucketing(lm.CoordinateMedian(), 2)) == {"class": "Bucketing", "aggregator": {"class": "CoordinateMedian"}, "bucket_size": 2}

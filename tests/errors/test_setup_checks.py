@@ -8,7 +8,7 @@ import torch
 from conftest import FIT_WITHOUT_VALIDATION, classification_batch, loader, mlp, quiet_trainer, sinusoid_batch
 
 import lightning_metafed as lm
-from lightning_metafed.algorithms.setup_checks import SetupError, check_precision, check_world_size
+from lightning_metafed.algorithms.setup_checks import BatchProbe, SetupError, check_batch_fits_net, check_precision, check_world_size
 from lightning_metafed.data import TensorClients
 from lightning_metafed.inner import SGD
 
@@ -111,3 +111,42 @@ def test_an_aggregator_that_is_a_plain_mean_for_the_round_size_warns_at_setup():
 def test_reptile_without_inner_steps_is_refused():
     with pytest.raises(ValueError, match=r"`inner_steps` >= 1 for Reptile: its upload θ − θ_K is zero"):
         lm.Reptile(mlp(), inner_steps=0)
+
+
+def test_padded_labels_and_placeholder_query_labels_are_not_refused():
+    batch = classification_batch(3, classes=3)
+    support_y = batch.support_y.clone()
+    support_y[:, -1] = -100  # padding, masked out
+    mask = torch.ones(support_y.shape, dtype=torch.bool)
+    mask[:, -1] = False
+    padded = lm.TaskBatch(batch.support_x, support_y, batch.query_x, batch.query_y, support_mask=mask)
+    model = lm.MAML(mlp(4, 8, 3), inner_optimizer=SGD(lr=0.1), task="classification")
+    quiet_trainer(max_steps=1).fit(model, loader(padded))
+    assert model.global_step == 1
+    placeholders = lm.TaskBatch(batch.support_x, batch.support_y, batch.query_x, torch.full_like(batch.query_y, -1))
+    predictions = quiet_trainer().predict(model, loader(placeholders))
+    assert len(predictions) == 1
+
+
+def test_half_precision_features_pass_under_mixed_precision():
+    batch = sinusoid_batch(3).to(dtype=torch.bfloat16)
+    net = mlp().float()
+    autocast = BatchProbe(dtype=False, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    check_batch_fits_net(net, batch, "regression", autocast)
+    with pytest.raises(ValueError, match=r"net's dtype \['torch.float32'\], got torch.bfloat16"):
+        check_batch_fits_net(net, batch, "regression", BatchProbe())
+
+
+def test_the_probe_leaves_the_net_in_its_mode_and_names_a_net_that_cannot_run():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1)).double()
+    net.train()
+    check_batch_fits_net(net, sinusoid_batch(2), "regression")
+    assert net.training
+    with pytest.raises(ValueError, match=r"The net cannot run on a client's support features \(shape \(5, 3\)"):
+        check_batch_fits_net(net, _wide(), "regression")
+
+
+def _wide():
+    b = sinusoid_batch(2)
+    x = b.support_x.expand(-1, -1, 3).contiguous()
+    return lm.TaskBatch(x, b.support_y, b.query_x.expand(-1, -1, 3).contiguous(), b.query_y)
