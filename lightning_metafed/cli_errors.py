@@ -3,7 +3,9 @@
 An error raised while the CLI parses, builds or runs (a bad argument value, an unreadable file, a
 diverged round) reaches the user wrapped in the argument parser's own errors. :func:`user_message`
 picks the sentence that says what is wrong: the outermost error this library raised on purpose (by
-a ``raise`` statement in its code), else an ``OSError`` (a file or the disk). :func:`report`
+a ``raise`` statement in its code), else an ``OSError`` (a file or the disk) or Lightning's
+``MisconfigurationException`` (a Trainer setting this machine cannot run, e.g. ``--trainer.accelerator
+gpu`` without a GPU). :func:`report`
 prints it with the hint to rerun with ``--debug`` (or ``METAFED_DEBUG=1``) for the full
 traceback. Anything else (a bug here, in the user's net, in a dependency) keeps its traceback.
 """
@@ -14,6 +16,8 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 __all__ = ["DEBUG_ENV", "USER_ERRORS", "debug_requested", "report", "user_message"]
 
@@ -55,8 +59,8 @@ def user_message(error: BaseException) -> str | None:
     whose traceback should be shown)."""
     chain = list(_chain(error))
     ours = [e for e in chain if isinstance(e, USER_ERRORS) and _raised_on_purpose(e)]
-    files = [e for e in chain if isinstance(e, OSError)]
-    chosen = ours[0] if ours else (files[0] if files else None)
+    outside = [e for e in chain if isinstance(e, (OSError, MisconfigurationException))]
+    chosen = ours[0] if ours else (outside[0] if outside else None)
     if chosen is None:
         return None
     text = str(chosen.args[0]) if isinstance(chosen, KeyError) and chosen.args else str(chosen)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_metafed.cli_errors import DEBUG_ENV, debug_requested, report, user_message
 from lightning_metafed.files import load_json_file
@@ -33,6 +35,12 @@ def test_file_errors_from_anywhere_are_the_message(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert "truncated or not a LEAF JSON file" in user_message(raised(lambda: load_json_file(bad, "LEAF JSON")))
+
+
+def test_a_trainer_setting_this_machine_cannot_run_is_the_message():
+    devices = 10**6 if torch.cuda.is_available() else 1  # more GPUs than there are, or a GPU where there is none
+    error = raised(lambda: pl.Trainer(accelerator="gpu", devices=devices))
+    assert user_message(error) == f"MisconfigurationException: {error}"
 
 
 def test_a_bug_keeps_its_traceback():

@@ -108,9 +108,11 @@ def test_an_aggregator_that_is_a_plain_mean_for_the_round_size_warns_at_setup():
         quiet_trainer(max_steps=1).fit(model, datamodule=data)
 
 
-def test_reptile_without_inner_steps_is_refused():
+def test_reptile_without_inner_steps_and_fedavg_with_them_are_refused():
     with pytest.raises(ValueError, match=r"`inner_steps` >= 1 for Reptile: its upload θ − θ_K is zero"):
         lm.Reptile(mlp(), inner_steps=0)
+    with pytest.raises(ValueError, match=r"`inner_steps` is not used: expected it unset \(None or 0\), got 7"):
+        lm.FedAvg(mlp(), inner_steps=7)
 
 
 def test_padded_labels_and_placeholder_query_labels_are_not_refused():
