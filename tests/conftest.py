@@ -62,6 +62,17 @@ def stacked(*rows) -> Tensor:
     return torch.tensor(rows, dtype=F64)
 
 
+def stack_results(results):
+    """Stack a list of equally structured (nested tuple/dict) results along a new dim 0 (a loop's
+    per-client outputs, to compare with a vmapped call)."""
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(results)
+    if isinstance(first, dict):
+        return {k: stack_results([r[k] for r in results]) for k in first}
+    return type(first)(stack_results(list(parts)) for parts in zip(*results))
+
+
 @pytest.fixture(autouse=True)
 def _cli_sees_no_pytest_arguments(monkeypatch):
     """Code under test that parses ``sys.argv`` (LightningCLI, argparse) must not see pytest's own

@@ -1,4 +1,5 @@
-"""Pure-torch core: inner optimizers, adaptation, client-update rules and aggregation (no Lightning)."""
+"""Pure-torch core: inner optimizers, adaptation, client-update rules (meta-learning in ``updates``,
+personalization with per-client state in ``personalized``) and aggregation (no Lightning)."""
 
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import (
@@ -21,6 +22,15 @@ from lightning_metafed.functional.losses import (
     masked_mean,
     mse_loss,
 )
+from lightning_metafed.functional.personalized import (
+    apfl_update,
+    ditto_update,
+    fedper_update,
+    fedrep_update,
+    scaffold_server_control,
+    scaffold_update,
+    split_control,
+)
 from lightning_metafed.functional.updates import (
     anil_update,
     fedavg_update,
@@ -40,11 +50,15 @@ __all__ = [
     "adam_step",
     "adapt",
     "anil_update",
+    "apfl_update",
     "bucket_means",
     "clip_to_norm",
     "coordinate_median",
     "cross_entropy_loss",
+    "ditto_update",
     "fedavg_update",
+    "fedper_update",
+    "fedrep_update",
     "finite_clients",
     "hvp",
     "iterate_adaptation",
@@ -58,9 +72,12 @@ __all__ = [
     "normalize_weights",
     "per_fedavg_update",
     "reptile_update",
+    "scaffold_server_control",
+    "scaffold_update",
     "select_params",
     "sgd_init",
     "sgd_step",
+    "split_control",
     "trimmed_mean",
     "update_norms",
     "weighted_mean",

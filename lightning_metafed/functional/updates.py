@@ -36,18 +36,23 @@ __all__ = [
     "per_fedavg_update",
     "fedavg_update",
     "hvp",
+    "detached_params",
+    "local_data",
+    "params_difference",
 ]
 
 
-def _detached(params: Mapping[str, Tensor]) -> Params:
+def detached_params(params: Mapping[str, Tensor]) -> Params:
+    """``params`` cut from the graph (local training is first-order from here)."""
     return {k: v.detach() for k, v in params.items()}
 
 
-def _difference(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Params:
+def params_difference(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Params:
+    """``before − after`` for every entry of ``before`` (a pseudo-gradient upload)."""
     return {k: before[k] - after[k] for k in before}
 
 
-def _local_data(task: ClientTask, use_query: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def local_data(task: ClientTask, use_query: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """A client's training data: its support set, or support and query concatenated."""
     if not use_query:
         return task.support_x, task.support_y, task.support_mask
@@ -219,8 +224,8 @@ def reptile_update(
     ``θ_K`` is ``inner_steps`` steps of the inner optimizer on the client's data (support, plus query
     when ``use_query``). With server ``SGD(lr=ε)`` the outer step is ``θ ← θ + ε · mean_i(θ_K,i − θ)``.
     """
-    theta = _detached(params)
-    x, y, mask = _local_data(task, use_query)
+    theta = detached_params(params)
+    x, y, mask = local_data(task, use_query)
     support_loss = None
     final: Params = theta
     for final, loss in iterate_adaptation(
@@ -230,8 +235,8 @@ def reptile_update(
             support_loss = loss
     if support_loss is None:
         support_loss = loss_fn(theta, x, y, mask)
-    final = _detached(final)
-    return _difference(theta, final), {"support_loss": support_loss.detach()}
+    final = detached_params(final)
+    return params_difference(theta, final), {"support_loss": support_loss.detach()}
 
 
 def fedavg_update(
@@ -252,10 +257,10 @@ def fedavg_update(
     step each, the optimizer state carried across the local run. With server ``SGD(lr=1)`` and
     sample-count weights the server step is exactly FedAvg's weighted average of ``θ_local``.
     """
-    x, y, mask = _local_data(task, use_query)
+    x, y, mask = local_data(task, use_query)
     n = x.shape[0]
     b = n if batch_size is None else min(batch_size, n)
-    theta = _detached(params)
+    theta = detached_params(params)
     local = dict(theta)
     state = optimizer.init(local)
     first_loss = None
@@ -269,11 +274,11 @@ def fedavg_update(
             if first_loss is None:
                 first_loss = loss
             stepped, state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
-            local = keep_after_budget(task.num_steps, k, _detached(stepped), local)
+            local = keep_after_budget(task.num_steps, k, detached_params(stepped), local)
             k += 1
     if first_loss is None:
         first_loss = loss_fn(theta, x, y, mask)
-    return _difference(theta, local), {"support_loss": first_loss.detach()}
+    return params_difference(theta, local), {"support_loss": first_loss.detach()}
 
 
 def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
@@ -323,7 +328,7 @@ def per_fedavg_update(
     ``D'`` and its second half as the independent ``D''`` (as the paper requires);
     ``"support"`` uses ``D'' = D``, which makes the HF step equal the exact MAML meta-gradient.
     """
-    theta = _detached(params)
+    theta = detached_params(params)
     sx, sy, sm = task.support_x, task.support_y, task.support_mask
     (qx, qy, qm), (hx, hy, hm) = _per_fedavg_batches(task, variant, hessian_batch)
     local = dict(theta)
@@ -335,7 +340,7 @@ def per_fedavg_update(
         ):
             if support_loss is None:
                 support_loss = loss
-        g, q_loss = torch.func.grad_and_value(lambda p: loss_fn(p, qx, qy, qm))(_detached(tilde))
+        g, q_loss = torch.func.grad_and_value(lambda p: loss_fn(p, qx, qy, qm))(detached_params(tilde))
         if query_loss is None:
             query_loss = q_loss
         if variant == "hf":
@@ -347,4 +352,4 @@ def per_fedavg_update(
     aux = {"support_loss": support_loss.detach()}
     if query_loss is not None:
         aux["query_loss"] = query_loss.detach()
-    return _difference(theta, local), aux
+    return params_difference(theta, local), aux

@@ -6,7 +6,8 @@
 - :mod:`~lightning_metafed.round.computation`: the clients' uploads, or the fast path's mean gradient.
 - :mod:`~lightning_metafed.round.clients`: vmap / loop / chunks / compile over clients; DDP shares.
 - :mod:`~lightning_metafed.round.ledgers`: communication, fault and privacy bookkeeping (checkpointed).
-- :mod:`~lightning_metafed.round.state`: the per-client state seam.
+- :mod:`~lightning_metafed.round.state`: the per-client state seam; :mod:`~lightning_metafed.round.spill`:
+  a store whose resident memory is bounded (rows spill to a scratch file).
 """
 
 from lightning_metafed.round.clients import ClientRunner, World
@@ -23,6 +24,7 @@ from lightning_metafed.round.pipeline import (
     screen_and_aggregate,
 )
 from lightning_metafed.round.server import NonFiniteRoundError, server_step, write_gradients
+from lightning_metafed.round.spill import SpillingClientState
 from lightning_metafed.round.state import ClientStateStore, InMemoryClientState
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "RoundLedgers",
     "RoundPipeline",
     "RoundResult",
+    "SpillingClientState",
     "StateRows",
     "UploadScreen",
     "Uploads",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import higher
 import pytest
 import torch
-from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, plain_mse
+from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, plain_mse, stack_results
 
 from lightning_metafed.functional import (
     ClientTask,
@@ -73,16 +73,6 @@ def _linear_grad(p, x, y):
     r = x @ p["w"] + p["b"] - y
     n = x.shape[0]
     return {"w": 2.0 / n * x.T @ r, "b": 2.0 / n * r.sum()}
-
-
-def _stack(results):
-    """Stack a list of equally structured (nested tuple/dict) results along a new dim 0."""
-    first = results[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(results)
-    if isinstance(first, dict):
-        return {k: _stack([r[k] for r in results]) for k in first}
-    return type(first)(_stack(list(parts)) for parts in zip(*results))
 
 
 def _stacked_tasks(m: int, seed: int, inp: int = 1, support: int = 5, query: int = 6) -> ClientTask:
@@ -515,7 +505,7 @@ def test_vmap_over_clients_equals_loop(rule):
     _, loss_fn, params, _ = mlp_problem(seed=23)
     tasks = _stacked_tasks(4, seed=24)
     batched = torch.func.vmap(lambda t: fn(loss_fn, params, t), in_dims=(ClientTask(0, 0, 0, 0, None, None),))(tasks)
-    looped = _stack([fn(loss_fn, params, client_task(tasks, i)) for i in range(4)])
+    looped = stack_results([fn(loss_fn, params, client_task(tasks, i)) for i in range(4)])
     torch.testing.assert_close(batched, looped)
     # the clients differ, so the per-client results do too
     leaf = batched[0] if isinstance(batched[0], dict) else batched[0][0]
@@ -539,7 +529,7 @@ def test_vmap_with_masks_equals_loop():
         lambda t: fedavg_update(loss_fn, params, t, optimizer=opt, batch_size=4),
     ]:
         batched = torch.func.vmap(fn, in_dims=(ClientTask(0, 0, 0, 0, 0, 0),))(tasks)
-        looped = _stack([fn(client_task(tasks, i)) for i in range(4)])
+        looped = stack_results([fn(client_task(tasks, i)) for i in range(4)])
         torch.testing.assert_close(batched, looped)
 
 
