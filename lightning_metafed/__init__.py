@@ -10,12 +10,18 @@ from lightning_metafed.aggregators import (
 )
 from lightning_metafed.algorithms import (
     ANIL,
+    APFL,
     MAML,
+    SCAFFOLD,
+    Ditto,
     FedAvg,
+    FedPer,
+    FedRep,
     MetaFedModule,
     MetaSGD,
     PerFedAvg,
     Reptile,
+    StatefulModule,
 )
 from lightning_metafed.checkpoint import AtomicCheckpointIO
 from lightning_metafed.data import TaskBatch
@@ -28,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
+    "APFL",
     "Aggregator",
     "AtomicCheckpointIO",
     "ClientDP",
@@ -37,7 +44,10 @@ __all__ = [
     "TrimmedMean",
     "faults",
     "privacy",
+    "Ditto",
     "FedAvg",
+    "FedPer",
+    "FedRep",
     "MAML",
     "Mean",
     "MetaFedModule",
@@ -45,6 +55,8 @@ __all__ = [
     "NonFiniteRoundError",
     "PerFedAvg",
     "Reptile",
+    "SCAFFOLD",
+    "StatefulModule",
     "ResumeCheck",
     "TaskBatch",
     "aggregators",

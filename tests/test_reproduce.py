@@ -48,6 +48,10 @@ def test_orderings_that_hold_after_a_few_rounds(smoke):
         fedavg = synthetic[f"FedAvg {model}"]["runs"][0]["test"]
         for name in ("Per-FedAvg FO", "Per-FedAvg HF", "MAML", "Reptile"):
             assert synthetic[f"{name} {model}"]["runs"][0]["test"]["test/acc_post"] > fedavg["test/acc_pre"] + 0.2, name
+    fedavg_global = synthetic["FedAvg DNN"]["runs"][0]["test"]["test/acc_pre"]
+    for label, row in results["experiments"]["personalized"]["rows"].items():
+        if label != "SCAFFOLD":  # each client from its own state beats the one global model
+            assert row["runs"][0]["test"]["test/acc_pre"] > fedavg_global + 0.1, label
     for label, row in results["experiments"]["digits"]["rows"].items():
         test = row["runs"][0]["test"]
         assert test["test/acc_post"] > test["test/acc_pre"], label  # two-class new clients gain from adapting

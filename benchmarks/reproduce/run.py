@@ -3,6 +3,7 @@ print the results tables, save them as JSON and the plots as PNG.
 
     python benchmarks/reproduce/run.py                      # all experiments, 3 seeds (~15 min on 2 cores)
     python benchmarks/reproduce/run.py --only sinusoid      # one experiment
+    python benchmarks/reproduce/run.py --only personalized --merge --update-readme   # rerun one, keep the others
     python benchmarks/reproduce/run.py --update-readme      # also rewrite the README's results section
     python benchmarks/reproduce/run.py --render-only --update-readme   # tables/plots from results.json
     python benchmarks/reproduce/run.py --smoke --out /tmp/smoke   # a few rounds per row (the test suite)
@@ -83,6 +84,17 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                 ("Per-FedAvg HF", "configs/synthetic/perfedavg_hf.yaml"),
                 ("MAML", "configs/synthetic/maml.yaml"),
                 ("Reptile", "benchmarks/reproduce/configs/synthetic_reptile.yaml"),
+            )
+        ],
+    },
+    "personalized": {
+        "title": "Synthetic(0.5, 0.5), 100 clients, local protocol, DNN (60-20-10): algorithms with per-client state",
+        "metric": "acc",
+        "common": [],
+        "rows": [
+            Row(name, [f"configs/synthetic/{config}.yaml"])
+            for name, config in (
+                ("FedPer", "fedper"), ("FedRep", "fedrep"), ("Ditto", "ditto"), ("APFL", "apfl"), ("SCAFFOLD", "scaffold"),
             )
         ],
     },
@@ -182,7 +194,7 @@ def run_experiments(names: list[str], seeds: list[int], smoke: bool) -> dict[str
             rows[row.label] = {"fedavg": row.fedavg, "runs": runs}
             seconds = statistics.mean(r["seconds"] for r in runs)
             print(f"[{name}] {row.label}: {len(runs)} seeds, {runs[0]['rounds']} rounds, {seconds:.0f} s per run", file=sys.stderr)
-        results["experiments"][name] = {"title": spec["title"], "metric": spec["metric"], "rows": rows}
+        results["experiments"][name] = {"title": spec["title"], "metric": spec["metric"], "rows": rows, "date": results["date"]}
     return results
 
 
@@ -242,6 +254,8 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"**{e['title']}**", "", "| algorithm | MLR | DNN (60-20-10) |", "|---|---|---|"]
         lines += [f"| {name} | {cells.get('MLR', '')} | {cells.get('DNN', '')} |" for name, cells in by_model.items()]
         lines.append("")
+    if "personalized" in experiments:
+        lines += personalized_table(experiments["personalized"], results["date"])
     if "digits" in experiments:
         e = experiments["digits"]
         lines += [
@@ -258,6 +272,18 @@ def render(results: dict[str, Any]) -> str:
                          f"{after if stage == 'post' else '—'} | {to_target} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def personalized_table(e: dict[str, Any], date_all: str) -> list[str]:
+    """The per-client-state algorithms' test accuracy: each client's model from its own state (SCAFFOLD:
+    the global model) before and after the algorithm's evaluation fine-tuning (``eval_inner_steps``)."""
+    measured = "" if e.get("date", date_all) == date_all else f" (measured {e['date']})"
+    lines = [f"**{e['title']}**{measured}", "", "| algorithm | each client's model from its state | after `eval_inner_steps` of fine-tuning |",
+             "|---|---|---|"]
+    for label, row in e["rows"].items():
+        runs = row["runs"]
+        lines.append(f"| {label} | {_cell([r['test']['test/acc_pre'] for r in runs])} | {_cell([r['test']['test/acc_post'] for r in runs])} |")
+    return [*lines, ""]
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -347,12 +373,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plots", type=Path, default=None, help="folder for the PNG figures (default: docs/)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's results section")
     parser.add_argument("--render-only", action="store_true", help="tables and plots from OUT/results.json, no training")
+    parser.add_argument("--merge", action="store_true", help="keep the other experiments of OUT/results.json")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
     else:
         results = run_experiments(args.only, args.seeds, args.smoke)
+        if args.merge:
+            kept = json.loads((args.out / "results.json").read_text())
+            kept["experiments"].update(results["experiments"])
+            results = kept
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = render(results)

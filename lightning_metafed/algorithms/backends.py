@@ -98,7 +98,7 @@ class FuncBackend(InnerBackend):
                     curves.setdefault(key, []).append(value.detach())
             return {k: torch.stack(v) for k, v in curves.items()}
 
-        return module.map_clients(one, (module.meta_parameters(detach=True),), batch.tasks())
+        return _map_evaluation(module, one, batch)
 
     def personalize(self, module: MetaFedModule, batch: TaskBatch, steps: int) -> Params:
         def last(meta: Mapping[str, Tensor], task: ClientTask) -> Params:
@@ -107,7 +107,7 @@ class FuncBackend(InnerBackend):
                 pass
             return {k: v.detach() for k, v in params.items()}
 
-        return module.map_clients(last, (module.meta_parameters(detach=True),), batch.tasks())
+        return _map_evaluation(module, last, batch)
 
     def round_diagnostics(self, module: MetaFedModule, batch: TaskBatch) -> dict[str, Tensor]:
         def one(meta: Mapping[str, Tensor], task: ClientTask) -> dict[str, Tensor]:
@@ -123,6 +123,15 @@ class FuncBackend(InnerBackend):
 
         values = module.map_clients(one, (module.meta_parameters(detach=True),), batch.tasks())
         return {k: v.mean() for k, v in values.items()}
+
+
+def _map_evaluation(module: MetaFedModule, fn: Any, batch: TaskBatch) -> Any:
+    """``fn(meta, task_i)`` for every client, from the meta-parameters or, for a module with
+    per-client state, from each client's own starting point (:meth:`MetaFedModule.evaluation_params`)."""
+    rows = module.evaluation_params(batch)
+    if rows is None:
+        return module.map_clients(fn, (module.meta_parameters(detach=True),), batch.tasks())
+    return module.runner.map(fn, (), (rows, batch.tasks()))
 
 
 class HigherBackend(InnerBackend):

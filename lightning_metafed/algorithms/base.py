@@ -189,6 +189,22 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         """Extra keyword arguments for evaluation-time adaptation (``lr``, ``adapt_names``)."""
         return {}
 
+    def evaluation_params(self, batch: TaskBatch) -> Params | None:
+        """Each evaluated client's starting parameters ``{module param name: [m, ...]}`` before its
+        adaptation, or ``None``: every client starts from the meta-parameters. A module with
+        per-client state returns the clients' own (their stored rows, or the initial rows of
+        clients it never saw)."""
+        return None
+
+    def server_aggregate(self, aggregate: Params) -> Params:
+        """The part of a round's aggregate that the server optimizer applies to the parameters. A
+        module with server state (e.g. a control variate uploaded beside the update) leaves its own
+        entries out here and applies them in :meth:`after_server_step`."""
+        return aggregate
+
+    def after_server_step(self, aggregate: Params) -> None:
+        """Called with the whole aggregate once the server step succeeded (server state updates)."""
+
     def local_step_bound(self) -> tuple[str, int] | None:
         """The argument and value that bound a client's local steps (``faults.step_choices`` may not
         exceed it); ``None`` when any budget is allowed."""
@@ -279,7 +295,10 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         ``.grad``; returns ``(aggregate, mean diagnostics)`` (``(None, {})`` when no client survived)."""
         result = self.run_round(batch)
         self.ledgers.communication.record(result)
-        write_gradients(dict(self.named_parameters()), result.aggregate)
+        aggregate = None if result.aggregate is None else self.server_aggregate(result.aggregate)
+        write_gradients(dict(self.named_parameters()), aggregate)
+        if aggregate is not None:
+            self.after_server_step(result.aggregate)
         if result.new_state is not None:
             self.client_state.write(result.new_state.client_id, result.new_state.rows)
         return result.aggregate, result.diagnostics
@@ -338,12 +357,15 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         return meta_loss.detach() if meta_loss is not None else None
 
     def _server_step(self, optimizer: Any, scaler: Any, aggregate: Params | None) -> None:
-        """The guarded server step; without an aggregate under a gradient scaler (which cannot step
-        without gradients), the step is only counted."""
+        """The guarded server step (then :meth:`after_server_step`); without an aggregate under a
+        gradient scaler (which cannot step without gradients), the step is only counted."""
         if aggregate is None and scaler is not None:
             count_step_without_update(optimizer)
             return
-        server_step(optimizer, dict(self.named_parameters()), aggregate, None if scaler is None else scaler.scale, self.global_step)
+        step = None if aggregate is None else self.server_aggregate(aggregate)
+        server_step(optimizer, dict(self.named_parameters()), step, None if scaler is None else scaler.scale, self.global_step)
+        if aggregate is not None:
+            self.after_server_step(aggregate)
 
     def _skip_nonfinite_round(self, error: NonFiniteRoundError, optimizer: Any, scaler: Any, result: RoundResult | None) -> None:
         """``on_nonfinite="skip"``: the parameters and the server optimizer stay as they were; the round

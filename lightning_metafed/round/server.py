@@ -132,9 +132,10 @@ def write_gradients(
     params: Mapping[str, Tensor], aggregate: Params | None, scale: Callable[[Tensor], Tensor] | None = None
 ) -> None:
     """``.grad`` = the aggregate (times ``scale``) for every parameter that requires grad; ``None``
-    everywhere when there is no aggregate."""
+    everywhere when there is no aggregate, and for parameters the aggregate leaves out (e.g. a
+    personal head that never leaves the clients), so no optimizer moves them."""
     for name, p in params.items():
-        if aggregate is None or not p.requires_grad:
+        if aggregate is None or not p.requires_grad or name not in aggregate:
             p.grad = None
         else:
             grad = aggregate[name].to(p.dtype)
