@@ -13,6 +13,18 @@ Client ``p`` (a SuperNode's ``partition-id``) owns train client ``p`` of the dat
 the same YAML config as ``metafed fit``; in round ``r`` it draws its support/query sets exactly as
 the data module would (a pure function of seed, round and client). Requires the optional extra
 ``flwr`` (``pip install 'lightning-metafed[flower]'``).
+
+Per-client state (a module with a ``client_state`` store, e.g. FedPer's heads or Ditto's personal
+models) stays on the client. Client ``p``'s row lives in its own module's store, keyed by its
+global id: :func:`client_train` reads it, passes it to ``client_update(meta, task, state)`` and
+writes the new row back once the update is done (and finite: a non-finite upload is dropped by the
+server, so its row is not kept, as in a Lightning round); :func:`client_evaluate` starts the
+client's personalized model from it (``evaluation_params``). Only the upload leaves the client; an
+upload may hold a subset of the parameters (FedPer's body), and the server step leaves the others
+alone. A SuperNode runs each message in a fresh ClientApp process, so the row is also kept in the
+node's ``context.state`` (a record the SuperNode holds locally and never sends): :func:`node_train`
+and :func:`node_evaluate` restore it into the store before a message and keep it after.
+:func:`simulate` keeps one module (and one such record) per partition for the whole run.
 """
 
 from __future__ import annotations
@@ -24,22 +36,39 @@ import torch
 
 from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.datamodule import stack_tasks
-from lightning_metafed.round import Aggregation, RoundCounts, Uploads, UploadScreen, screen_and_aggregate, server_step
+from lightning_metafed.functional.aggregate import finite_clients
+from lightning_metafed.round import (
+    Aggregation,
+    ClientComputation,
+    RoundCounts,
+    Uploads,
+    UploadScreen,
+    screen_and_aggregate,
+    server_step,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import RecordDict
 
     from lightning_metafed.algorithms.base import MetaFedModule
     from lightning_metafed.data.datamodule import FederatedDataModule
+    from lightning_metafed.data.task_batch import TaskBatch
+    from lightning_metafed.functional.client_task import Params
+
+STATE_RECORD = "metafed-client-state"
+"""The key of a client's state row in its SuperNode's ``context.state``."""
 
 __all__ = [
-    "load_from_config",
-    "server_message",
-    "client_train",
     "client_evaluate",
-    "server_update",
+    "client_train",
+    "load_from_config",
+    "node_evaluate",
+    "node_train",
     "replies_to_uploads",
+    "server_message",
+    "server_update",
     "simulate",
+    "stored_row",
 ]
 
 
@@ -89,23 +118,36 @@ def server_message(model: MetaFedModule, round_idx: int) -> RecordDict:
     )
 
 
-def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
-    """Client ``partition``: load the meta-parameters, adapt on its own data, return its update."""
-    app = require_flwr()
-    if model.client_state is not None:
-        raise ValueError(
-            f"{type(model).__name__} keeps per-client state (`client_state`), which the Flower deployment does not "
-            "carry between rounds yet; run it with `metafed fit`."
-        )
-    _load_parameters(model, content["arrays"])
-    round_idx = int(content["config"]["round"])
+def _client_batch(data: FederatedDataModule, partition: int, round_idx: int | None) -> TaskBatch:
+    """Client ``partition``'s batch of one: its task of round ``round_idx`` (``None``: its evaluation
+    task), its weight and its global id."""
     train = data.population("train")
     if not 0 <= partition < len(train):
         raise ValueError(f"Expected `partition-id` in [0, {len(train)}) (the train clients), got {partition}")
-    task = data.train_task(train, partition, round_idx)
-    weight = float(train.size(partition))
-    batch = stack_tasks([task], [weight], [train.global_id(partition)])
-    updates, aux = model.client_updates_with_aux(batch)
+    task = data.eval_task(train, partition) if round_idx is None else data.train_task(train, partition, round_idx)
+    return stack_tasks([task], [float(train.size(partition))], [train.global_id(partition)])
+
+
+def _client_round(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
+    """The batch's upload and diagnostics. With a ``client_state`` store the client's row is read
+    from it and, when the upload is finite (the server keeps it), its new row is written back."""
+    if model.client_state is None:
+        return model.client_updates_with_aux(batch)
+    computation = ClientComputation(model.client_update, model.runner, state_store=model.client_state)
+    uploads = computation.uploads(model.meta_parameters(detach=True), batch, None)
+    if bool(finite_clients(uploads.updates).all()):
+        model.client_state.write(batch.client_id, uploads.state)
+    return uploads.updates, uploads.aux
+
+
+def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
+    """Client ``partition``: load the meta-parameters, adapt on its own data, return its update
+    (a module with per-client state also updates the client's row in its own store)."""
+    app = require_flwr()
+    _load_parameters(model, content["arrays"])
+    batch = _client_batch(data, partition, int(content["config"]["round"]))
+    updates, aux = _client_round(model, batch)
+    weight = float(data.population("train").size(partition))
     metrics = {"partition": partition, "weight": weight, **{k: float(v[0]) for k, v in aux.items()}}
     return app.RecordDict(
         {"arrays": app.ArrayRecord(torch_state_dict={k: u[0].detach().cpu() for k, u in updates.items()}), "metrics": app.MetricRecord(metrics)}
@@ -114,17 +156,51 @@ def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int
 
 def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
     """Personalization of client ``partition`` on its own data: adapt on its support set from the
-    meta-parameters, score its query set before (``pre``) and after (``post``) adaptation."""
+    meta-parameters (a module with per-client state: from the client's own starting point, its
+    stored row), score its query set before (``pre``) and after (``post``) adaptation."""
     app = require_flwr()
     _load_parameters(model, content["arrays"])
-    train = data.population("train")
-    task = data.eval_task(train, partition)
-    batch = stack_tasks([task], [float(train.size(partition))], [train.global_id(partition)])
+    batch = _client_batch(data, partition, None)
     curves = model.adaptation_curves(batch)
-    metrics: dict[str, float] = {"partition": partition, "n_query": float(task[2].shape[0])}
+    metrics: dict[str, float] = {"partition": partition, "n_query": float(batch.query_x.shape[1])}
     for key, curve in curves.items():
         metrics[f"{key}_pre"], metrics[f"{key}_post"] = float(curve[0, 0]), float(curve[0, -1])
     return app.RecordDict({"metrics": app.MetricRecord(metrics)})
+
+
+def stored_row(model: MetaFedModule, data: FederatedDataModule, partition: int) -> Params | None:
+    """Client ``partition``'s row in the module's store, or ``None`` (no store, or the client has no
+    row: the store holds the rows of the clients it trained, one client per SuperNode)."""
+    if model.client_state is None or len(model.client_state) == 0:
+        return None
+    row = model.client_state.gather([data.population("train").global_id(partition)])
+    return {k: v[0].detach().cpu() for k, v in row.items()}
+
+
+def _restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int, state: RecordDict) -> None:
+    """Write the row kept in ``state`` (a SuperNode's ``context.state``) into the module's store."""
+    if model.client_state is None or STATE_RECORD not in state:
+        return
+    row = state[STATE_RECORD].to_torch_state_dict()
+    key = [data.population("train").global_id(partition)]
+    model.client_state.write(key, {k: v.unsqueeze(0) for k, v in row.items()})
+
+
+def node_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
+    """A SuperNode's train message: :func:`client_train` with the client's row restored from the
+    node-local ``state`` before and kept there after (it is not part of the reply)."""
+    _restore_row(model, data, partition, state)
+    reply = client_train(model, data, partition, content)
+    row = stored_row(model, data, partition)
+    if row is not None:
+        state[STATE_RECORD] = require_flwr().ArrayRecord(torch_state_dict=row)
+    return reply
+
+
+def node_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
+    """A SuperNode's evaluate message: :func:`client_evaluate` from the row kept in ``state``."""
+    _restore_row(model, data, partition, state)
+    return client_evaluate(model, data, partition, content)
 
 
 def replies_to_uploads(replies: Sequence[RecordDict]) -> tuple[Uploads, list[RecordDict]]:
@@ -155,6 +231,11 @@ def server_update(
             f"`privacy` ({model.privacy!r}) is applied by the Lightning round only; the Flower server step adds no "
             "noise. Remove it from the config for a Flower deployment."
         )
+    if model.download_payload() is not None and set(model.download_payload()) - set(dict(model.named_parameters())):
+        raise ValueError(
+            f"{type(model).__name__} sends clients server state beside the parameters (e.g. SCAFFOLD's control "
+            "variate), which the Flower messages do not carry; run it with `metafed fit`."
+        )
     uploads, replies = replies_to_uploads(replies)
     counts = RoundCounts(sampled=len(replies), survivors=len(replies))
     screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
@@ -168,26 +249,30 @@ def server_update(
 
 def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the Flower protocol in-process: the same messages, clients and server steps as a
-    deployment whose SuperNodes have ``partition-id`` in ``partitions``.
+    deployment whose SuperNodes have ``partition-id`` in ``partitions``. Each partition keeps its
+    own module (and node-local state record) for the whole run, as a SuperNode does.
 
-    Returns the final parameters, the per-round client metrics, the evaluation metrics, and every
-    message exchanged (to check what crosses the wire).
+    Returns the final parameters, the per-round client metrics, the evaluation metrics, every
+    message exchanged (to check what crosses the wire) and each partition's stored state row
+    (``None`` without per-client state).
     """
-    server_model, data = load_from_config(config, overrides)
+    server_model, _ = load_from_config(config, overrides)
     optimizer = server_optimizer(server_model)
-    client_model, client_data = load_from_config(config, overrides)
+    nodes = {p: load_from_config(config, overrides) for p in partitions}
+    states = {p: require_flwr().RecordDict() for p in partitions}
     messages, history = [], []
     for r in range(rounds):
         down = server_message(server_model, r)
-        replies = [client_train(client_model, client_data, p, down) for p in partitions]
+        replies = [node_train(*nodes[p], p, down, states[p]) for p in partitions]
         messages += [down, *replies]
         history.append(server_update(server_model, optimizer, replies, r))
     down = server_message(server_model, rounds)
-    evaluations = [client_evaluate(client_model, client_data, p, down) for p in partitions]
+    evaluations = [node_evaluate(*nodes[p], p, down, states[p]) for p in partitions]
     messages += [down, *evaluations]
     return {
         "parameters": _parameters(server_model),
         "history": history,
         "evaluation": [dict(e["metrics"]) for e in evaluations],
         "messages": messages,
+        "client_state": {p: stored_row(*nodes[p], p) for p in partitions},
     }

@@ -196,6 +196,10 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         clients it never saw)."""
         return None
 
+    def download_payload(self) -> Params | None:
+        """What the server sends each sampled client, for accounting; ``None``: the parameters."""
+        return None
+
     def server_aggregate(self, aggregate: Params) -> Params:
         """The part of a round's aggregate that the server optimizer applies to the parameters. A
         module with server state (e.g. a control variate uploaded beside the update) leaves its own
@@ -283,6 +287,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             step_bound=self.local_step_bound(),
             fast_path=self._use_fast_path(),
             loss_scale=1.0 if scaler is None else float(scaler.get_scale()),
+            download=self.download_payload(),
         )
 
     def run_round(self, batch: TaskBatch) -> RoundResult:

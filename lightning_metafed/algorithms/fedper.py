@@ -65,6 +65,11 @@ class PersonalHeadModule(StatefulModule):
         """A detached copy of the current global head."""
         return {name: self.net.get_parameter(name).detach().clone() for name in self.head_names}
 
+    def download_payload(self) -> Params:
+        """The shared body: a client's head never leaves it, so the server does not send one."""
+        head = set(self.prefixed({name: None for name in self.head_names}))
+        return {k: v for k, v in self.meta_parameters(detach=True).items() if k not in head}
+
     def personal_params(self, meta: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> Params:
         """``meta`` with the head replaced by the client's stored head."""
         return {**meta, **self.prefixed({name: state[name] for name in self.head_names})}

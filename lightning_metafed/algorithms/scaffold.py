@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.algorithms.base import NET_PREFIX
 from lightning_metafed.algorithms.stateful import StatefulModule
-from lightning_metafed.algorithms.trainer_access import attached_trainer
+from lightning_metafed.algorithms.trainer_access import attached_trainer, round_sizes
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.personalized import (
@@ -74,9 +74,8 @@ class SCAFFOLD(StatefulModule):
                 check_int(name, value, minimum=1)
         if population is not None and sampled_per_round is not None and sampled_per_round > population:
             raise ValueError(f"Expected `sampled_per_round` <= `population` = {population}, got {sampled_per_round}")
-        inner_optimizer = SGD(lr=local_lr) if inner_optimizer is None else inner_optimizer
-        super().__init__(net=net, max_resident_rows=max_resident_rows, inner_steps=inner_steps,
-                         inner_optimizer=inner_optimizer, **kwargs)
+        inner_optimizer = inner_optimizer or SGD(lr=local_lr)
+        super().__init__(net=net, max_resident_rows=max_resident_rows, inner_steps=inner_steps, inner_optimizer=inner_optimizer, **kwargs)
         self.local_lr = local_lr
         self.use_query = bool(use_query)
         self.population = population
@@ -87,18 +86,18 @@ class SCAFFOLD(StatefulModule):
 
     def control(self) -> Params:
         """The server control variate ``c`` by module parameter name."""
-        return {name: self.server_control.get_buffer(_buffer_name(name)) for name, _ in self.named_parameters()}
+        return {n: self.server_control.get_buffer(_buffer_name(n)) for n, _ in self.named_parameters()}
+
+    def download_payload(self) -> Params:
+        """The parameters and the server control variate ``c``."""
+        return {**self.meta_parameters(detach=True), **{CONTROL_PREFIX + k: v for k, v in self.control().items()}}
 
     def initial_state(self, key: Any) -> Params:
         """A client never seen: ``c_i = 0``."""
         return {k: torch.zeros_like(v) for k, v in self.meta_parameters(detach=True).items()}
 
-    def personal_params(self, meta: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> Params:
-        """The global model (a control variate is no model)."""
-        return dict(meta)
-
     def evaluation_params(self, batch: TaskBatch) -> None:
-        """Every evaluated client starts from the global model."""
+        """Every evaluated client starts from the global model (a control variate is no model)."""
         return None
 
     def client_update(self, meta: Mapping[str, Tensor], task: ClientTask, state: Mapping[str, Tensor]) -> tuple[Params, Aux, Params]:
@@ -127,26 +126,8 @@ class SCAFFOLD(StatefulModule):
             self.server_control.get_buffer(_buffer_name(name)).copy_(value)
 
     def round_sizes(self) -> tuple[int, int]:
-        """``(|S|, N)``: clients sampled per round and train clients, from the Trainer's data module when it
-        has them (``sampled_per_round`` and ``population``, when given, must agree), else from the arguments."""
-        trainer = attached_trainer(self)
-        datamodule = None if trainer is None else getattr(trainer, "datamodule", None)
-        if not (hasattr(datamodule, "clients_per_round") and hasattr(datamodule, "population")):
-            datamodule = None
-        known = {"sampled_per_round": self.sampled_per_round, "population": self.population}
-        if datamodule is not None:
-            found = {"sampled_per_round": datamodule.clients_per_round, "population": len(datamodule.population("train"))}
-            for name, value in found.items():
-                if known[name] is not None and known[name] != value:
-                    raise ValueError(f"Expected `{name}` = {value} (the data module's), got {known[name]}")
-            known = found
-        missing = [name for name, value in known.items() if value is None]
-        if missing:
-            raise ValueError(
-                f"SCAFFOLD's server control needs {' and '.join(f'`{n}`' for n in missing)}: pass them, or fit with a "
-                "FederatedDataModule that has them"
-            )
-        return known["sampled_per_round"], known["population"]
+        """``(|S|, N)``: clients sampled per round and train clients (see :func:`round_sizes`)."""
+        return round_sizes(attached_trainer(self), self.sampled_per_round, self.population, "SCAFFOLD's server control")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 from lightning_metafed.round import World
 
-__all__ = ["attached_trainer", "count_step_without_update", "grad_scaler", "is_logging_step", "round_world"]
+__all__ = ["attached_trainer", "count_step_without_update", "grad_scaler", "is_logging_step", "round_sizes", "round_world"]
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -58,3 +58,25 @@ def count_step_without_update(optimizer: Any) -> None:
         return
     before()
     after()
+
+
+def round_sizes(trainer: pl.Trainer | None, sampled: int | None, population: int | None, needed_by: str) -> tuple[int, int]:
+    """``(|S|, N)``: clients sampled per round and train clients, from the Trainer's data module when
+    it has them (``sampled`` and ``population``, when given, must agree with it), else as given."""
+    datamodule = None if trainer is None else getattr(trainer, "datamodule", None)
+    if not (hasattr(datamodule, "clients_per_round") and hasattr(datamodule, "population")):
+        datamodule = None
+    known = {"sampled_per_round": sampled, "population": population}
+    if datamodule is not None:
+        found = {"sampled_per_round": datamodule.clients_per_round, "population": len(datamodule.population("train"))}
+        for name, value in found.items():
+            if known[name] is not None and known[name] != value:
+                raise ValueError(f"Expected `{name}` = {value} (the data module's), got {known[name]}")
+        known = found
+    missing = [name for name, value in known.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{needed_by} needs {' and '.join(f'`{n}`' for n in missing)}: pass them, or fit with a "
+            "FederatedDataModule that has them"
+        )
+    return known["sampled_per_round"], known["population"]

@@ -73,7 +73,7 @@ class RoundResult:
             (the server step is skipped).
         diagnostics: the means over clients of their diagnostics (e.g. ``query_loss``).
         counts: the round's client counts.
-        download_bytes: what one client receives (the parameters).
+        download_bytes: what one client receives (the parameters, or the pipeline's ``download``).
         upload_bytes: what one client sends (its update); ``0`` when nobody uploaded.
         new_state: the accepted clients' new per-client state, for the owner of the store to write
             back; ``None`` without state.
@@ -197,7 +197,8 @@ def screen_and_aggregate(
 class RoundPipeline:
     """The stages of one round. ``fast_path``: use the computation's mean gradient when the
     aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way);
-    ``loss_scale``: a mixed-precision loss scale for its backward."""
+    ``loss_scale``: a mixed-precision loss scale for its backward; ``download``: what each sampled
+    client receives, when not all the parameters (only its size is used, for accounting)."""
 
     computation: ClientComputation
     screen: UploadScreen
@@ -206,11 +207,12 @@ class RoundPipeline:
     step_bound: tuple[str, int] | None = None
     fast_path: bool = False
     loss_scale: float = 1.0
+    download: Params | None = None
 
     def run(self, batch: TaskBatch, params: Mapping[str, Tensor], round_idx: int) -> RoundResult:
         sampled = batch.num_clients
         self.computation.world.check_round(sampled)
-        download = payload_bytes(params)  # every sampled client receives the parameters
+        download = payload_bytes(params if self.download is None else self.download)  # every sampled client receives it
         survivors = sample_survivors(batch, self.faults, round_idx, self.step_bound)
         counts = RoundCounts(sampled=sampled, survivors=0 if survivors is None else survivors.num_clients)
         if survivors is None:
