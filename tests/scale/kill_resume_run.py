@@ -1,11 +1,12 @@
 """A short deterministic CPU fit with step checkpoints, for test_kill_resume.py.
 
-python tests/scale/kill_resume_run.py OUT [--sleep SECONDS] [--resume]
+python tests/scale/kill_resume_run.py OUT [--sleep SECONDS] [--resume] [--algorithm maml|fedper]
 
 Checkpoints go to OUT/ckpts (every CKPT_EVERY steps, plus last.ckpt); after every training batch
 OUT/progress holds "global_step epoch batch_idx" (then the run sleeps SECONDS, so a parent process
 can kill it mid-epoch). ``--resume`` continues from the newest checkpoint in OUT/ckpts. The final
-meta-parameters, communication totals, and first and last global steps go to OUT/final.pt.
+meta-parameters, communication totals, and first and last global steps go to OUT/final.pt (with
+``--algorithm fedper`` also every client's stored head, from a store that keeps 3 rows in memory).
 """
 
 from __future__ import annotations
@@ -49,18 +50,27 @@ def adam(params):
     return torch.optim.Adam(params, lr=0.01)
 
 
-def main(out: Path, sleep: float, resume: bool) -> None:
+def build_model(algorithm: str) -> lm.MetaFedModule:
+    if algorithm == "fedper":  # per-client heads in a store that spills all but 3 rows to disk
+        return lm.FedPer(
+            MLP(60, [16], 10), task="classification", inner_optimizer=SGD(lr=0.1), inner_steps=2, server_optimizer=adam,
+            faults=lm.ClientFaults(dropout=0.3, seed=0), max_resident_rows=3,
+        )
+    # Faults and DP with fixed seeds: their draws, counters and accountant must resume exactly too.
+    return lm.MAML(
+        MLP(60, [16], 10), task="classification", inner_optimizer=SGD(lr=0.1), inner_steps=2, server_optimizer=adam,
+        faults=lm.ClientFaults(dropout=0.3, step_choices=[1, 2], byzantine_fraction=0.2, seed=0),
+        privacy=lm.ClientDP(clip_norm=1.0, noise_multiplier=0.3, seed=0),
+    )
+
+
+def main(out: Path, sleep: float, resume: bool, algorithm: str = "maml") -> None:
     pl.seed_everything(0, verbose=False)
     data = SyntheticClients(
         num_clients=40, max_samples=80, clients_per_round=4, support_size=5, query_size=5,
         rounds_per_epoch=ROUNDS_PER_EPOCH, eval_clients_per_batch=2, seed=0,
     )
-    # Faults and DP with fixed seeds: their draws, counters and accountant must resume exactly too.
-    model = lm.MAML(
-        MLP(60, [16], 10), task="classification", inner_optimizer=SGD(lr=0.1), inner_steps=2, server_optimizer=adam,
-        faults=lm.ClientFaults(dropout=0.3, step_choices=[1, 2], byzantine_fraction=0.2, seed=0),
-        privacy=lm.ClientDP(clip_norm=1.0, noise_multiplier=0.3, seed=0),
-    )
+    model = build_model(algorithm)
     ckpts = out / "ckpts"
     progress = Progress(out / "progress", sleep)
     trainer = pl.Trainer(
@@ -73,8 +83,10 @@ def main(out: Path, sleep: float, resume: bool) -> None:
     )
     trainer.fit(model, datamodule=data, ckpt_path=latest_checkpoint(ckpts) if resume else None)
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    privacy = None if model.ledgers.privacy is None else model.ledgers.privacy.accountant.history
+    rows = None if model.client_state is None else model.client_state.state_dict()["rows"]
     torch.save({"state": state, "comm": dict(model.communication), "faults": dict(model.fault_counts),
-                "privacy": model.ledgers.privacy.accountant.history, "start_step": progress.start_step,
+                "privacy": privacy, "rows": rows, "start_step": progress.start_step,
                 "global_step": trainer.global_step}, out / "final.pt")
 
 
@@ -83,6 +95,7 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each training batch")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpts")
+    parser.add_argument("--algorithm", choices=["maml", "fedper"], default="maml")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    main(args.out, args.sleep, args.resume)
+    main(args.out, args.sleep, args.resume, args.algorithm)
