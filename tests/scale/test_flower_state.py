@@ -3,6 +3,7 @@ only the upload crosses the wire, and the in-process protocol equals the module'
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ import torch
 
 pytest.importorskip("flwr")
 
-from lightning_metafed.data import stack_tasks
-from lightning_metafed.flower import STATE_RECORD, load_from_config, simulate
+from lightning_metafed.data import stack_tasks  # noqa: E402
+from lightning_metafed.flower import STATE_RECORD, load_from_config, simulate  # noqa: E402
+
+# pytest puts this directory (no __init__.py) on sys.path, so the deployment helper imports as a module.
+from flower_deploy import deploy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDPER = str(ROOT / "configs/synthetic/fedper.yaml")
@@ -28,8 +32,10 @@ PARTITIONS, ROUNDS = [0, 1], 3
 def run(request):
     """The in-process protocol and the module's own rounds on the same clients every round."""
     config, overrides = CASES[request.param]
-    result = simulate(config, PARTITIONS, ROUNDS, overrides=overrides)
-    model, data = load_from_config(config, overrides)
+    with pytest.MonkeyPatch.context() as patch:  # the CLI parser must not see pytest's own arguments
+        patch.setattr(sys, "argv", sys.argv[:1])
+        result = simulate(config, PARTITIONS, ROUNDS, overrides=overrides)
+        model, data = load_from_config(config, overrides)
     train = data.population("train")
     optimizer = model.configure_optimizers()
     for r in range(ROUNDS):
@@ -89,3 +95,17 @@ def test_a_module_with_server_state_is_refused_by_name():
     model, _ = load_from_config(str(ROOT / "configs/synthetic/scaffold.yaml"))
     with pytest.raises(ValueError, match=r"SCAFFOLD sends clients server state beside the parameters"):
         server_update(model, server_optimizer(model), [])
+
+
+def test_a_real_fedper_deployment_keeps_each_clients_head_on_its_supernode(tmp_path):
+    """SuperLink + two SuperNodes on 127.0.0.1: a SuperNode starts a new ClientApp process per
+    message, so the heads survive only through the node's own state; the result equals simulate()."""
+    config = FEDPER
+    out = tmp_path / "final.pt"
+    log = deploy(config, rounds=3, out=out, workdir=tmp_path / "deploy")
+    assert log.count("2 updates aggregated") == 3
+    deployed = torch.load(out, weights_only=True)
+    expected = simulate(config, [0, 1], rounds=3)["parameters"]
+    assert deployed.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(deployed[name], expected[name], atol=1e-6, rtol=0)
