@@ -62,6 +62,21 @@ def stacked(*rows) -> Tensor:
     return torch.tensor(rows, dtype=F64)
 
 
+def padded_task(task: ClientTask, seed: int) -> ClientTask:
+    """``task`` (4 support and 4 query examples) with masked junk examples inserted: one in the
+    support set (third position) and two after the query set, drawn from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    junk_x, junk_y = torch.randn(3, 1, dtype=F64) * 3, torch.randn(3, 1, dtype=F64) * 3
+    return ClientTask(
+        torch.cat([task.support_x[:2], junk_x[:1], task.support_x[2:]]),
+        torch.cat([task.support_y[:2], junk_y[:1], task.support_y[2:]]),
+        torch.cat([task.query_x, junk_x[1:]]),
+        torch.cat([task.query_y, junk_y[1:]]),
+        torch.tensor([1, 1, 0, 1, 1], dtype=F64),
+        torch.tensor([1, 1, 1, 1, 0, 0], dtype=F64),
+    )
+
+
 def stack_results(results):
     """Stack a list of equally structured (nested tuple/dict) results along a new dim 0 (a loop's
     per-client outputs, to compare with a vmapped call)."""

@@ -155,6 +155,8 @@ class SetupCheckHooks:
     net: nn.Module
     task: str
     aggregator: Any
+    uses_builtin_loss: Callable[[], bool]
+    uses_builtin_forward: Callable[[], bool]
 
     def setup(self, stage: str) -> None:
         trainer = attached_trainer(self)
@@ -163,7 +165,7 @@ class SetupCheckHooks:
         if stage == "fit":  # the refusal is about the meta-parameters and the server step
             check_precision(trainer.precision)
         clients_per_round = getattr(trainer.datamodule, "clients_per_round", None)
-        builtin_loss = getattr(self, "uses_builtin_loss", lambda: True)()
+        builtin_loss = self.uses_builtin_loss()
         spec = getattr(trainer.datamodule, "data_spec", None)
         if stage == "fit" and builtin_loss and spec is not None:
             check_task(self.task, spec().num_classes)
@@ -179,12 +181,12 @@ class SetupCheckHooks:
         if checked is None or stage in checked:
             return
         checked.add(stage)
-        if not getattr(self, "uses_builtin_forward", lambda: True)():
+        if not self.uses_builtin_forward():
             return  # a custom functional_loss may transform the features: no probe can stand for it
         trainer = attached_trainer(self)
         mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
         probe = BatchProbe(
-            targets=getattr(self, "uses_builtin_loss", lambda: True)(),
+            targets=self.uses_builtin_loss(),
             dtype=not mixed,
             query_labels=stage != "predict",
             context=trainer.precision_plugin.forward_context if trainer is not None else nullcontext,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import F64, autograd_grad, client_task, mlp_problem, plain_mse, stack_results
+from conftest import F64, autograd_grad, client_task, mlp_problem, padded_task, plain_mse, stack_results
 
 from lightning_metafed.functional import ClientTask, fedavg_update
 from lightning_metafed.functional.personalized import (
@@ -325,16 +325,7 @@ def test_budgets_under_vmap_equal_integer_budgets(rule):
 def test_masked_padding_does_not_change_the_result(rule):
     fn, make_state = _rules()[rule]
     _, loss_fn, params, task = mlp_problem(seed=15, support=4, query=4)
-    torch.manual_seed(150)
-    junk_x, junk_y = torch.randn(3, 1, dtype=F64) * 3, torch.randn(3, 1, dtype=F64) * 3
-    padded = ClientTask(
-        torch.cat([task.support_x[:2], junk_x[:1], task.support_x[2:]]),
-        torch.cat([task.support_y[:2], junk_y[:1], task.support_y[2:]]),
-        torch.cat([task.query_x, junk_x[1:]]),
-        torch.cat([task.query_y, junk_y[1:]]),
-        torch.tensor([1, 1, 0, 1, 1], dtype=F64),
-        torch.tensor([1, 1, 1, 1, 0, 0], dtype=F64),
-    )
+    padded = padded_task(task, 150)
     state = make_state(params, 151)
     torch.testing.assert_close(fn(loss_fn, params, state, padded), fn(loss_fn, params, state, task))
     unmasked = fn(loss_fn, params, state, padded._replace(support_mask=None, query_mask=None))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import higher
 import pytest
 import torch
-from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, plain_mse, stack_results
+from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, padded_task, plain_mse, stack_results
 
 from lightning_metafed.functional import (
     ClientTask,
@@ -133,17 +133,7 @@ def test_maml_one_step_formula_by_hand():
 
 def test_maml_masked_padding_does_not_change_meta_gradient():
     _, loss_fn, params, task = mlp_problem(seed=31, support=4, query=4)
-    torch.manual_seed(310)
-    junk_x = torch.randn(3, 1, dtype=F64) * 3
-    junk_y = torch.randn(3, 1, dtype=F64) * 3
-    padded = ClientTask(
-        torch.cat([task.support_x[:2], junk_x[:1], task.support_x[2:]]),
-        torch.cat([task.support_y[:2], junk_y[:1], task.support_y[2:]]),
-        torch.cat([task.query_x, junk_x[1:]]),
-        torch.cat([task.query_y, junk_y[1:]]),
-        torch.tensor([1, 1, 0, 1, 1], dtype=F64),
-        torch.tensor([1, 1, 1, 1, 0, 0], dtype=F64),
-    )
+    padded = padded_task(task, 310)
     opt = SGD(lr=0.2, momentum=0.5)
     plain, plain_aux = maml_update(loss_fn, params, task, optimizer=opt, inner_steps=2)
     masked, masked_aux = maml_update(loss_fn, params, padded, optimizer=opt, inner_steps=2)
