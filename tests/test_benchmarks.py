@@ -19,6 +19,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ("trainer_overhead.py", ["--rounds", "4", "--clients", "4"], "ratio"),
         ("robustness.py", ["--rounds", "2", "--seeds", "1"], "trimmed_mean(0.3)"),
         ("data_speed.py", ["--clients", "10000", "--repeats", "1"], "ratio"),
+        ("data_pipeline.py", ["--clients", "8", "--compute-clients", "8", "--fit-clients", "8", "--fit-rounds", "2",
+                              "--fit-repeats", "1", "--repeats", "1", "--tensor-clients", "1000", "--threads", "1"], "fit/bare"),
         ("versus_revision.py", ["--rev", "HEAD", "--clients", "4", "--repeats", "1"], "new/old"),
     ],
 )

@@ -31,9 +31,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_metafed._validation import check_int
+from lightning_metafed.data.assemble import (
+    Fetch,
+    assemble,
+    eval_positions,
+    resolve_sizes,
+)
+from lightning_metafed.data.draws import sample_clients, train_indices
+from lightning_metafed.data.loaders import EvalBatches, Rounds, RoundsLoader
+from lightning_metafed.data.local_parts import LocalPartPopulation
 from lightning_metafed.data.population import (
     ClientData,
-    LocalPartPopulation,
     Population,
     SubsetPopulation,
 )
@@ -43,9 +51,8 @@ from lightning_metafed.data.seeding import (
     POPULATION,
     TRAIN,
     generator,
-    python_rng,
+    hash_state,
 )
-from lightning_metafed.data.loaders import EvalBatches, Rounds, RoundsLoader
 from lightning_metafed.data.sizes import Size, check_fractions, check_size, resolve_size
 from lightning_metafed.data.task_batch import TaskBatch, stack_tasks
 from lightning_metafed.data.validation import ClientChecks, DataSpec
@@ -77,6 +84,10 @@ class FederatedDataModule(pl.LightningDataModule):
         replacement: allow sampling with replacement when a client has fewer examples than
             ``support_size + query_size`` (support and query still come from disjoint examples).
         seed: the seed of every split and draw.
+        prefetch: training rounds built ahead by a background thread while the current one trains
+            (``0``: built in the training loop); ``None`` (default): one when the trainer runs on
+            an accelerator such as a GPU, none on a CPU (where the thread would compete with the
+            round for the cores). The batches are the same either way.
     """
 
     #: Number of classes for classification sources (labels are checked against it); ``None`` for regression.
@@ -98,6 +109,7 @@ class FederatedDataModule(pl.LightningDataModule):
         eval_clients_per_batch: int = 32,
         replacement: bool = False,
         seed: int = 0,
+        prefetch: int | None = None,
     ):
         super().__init__()
         # Arguments that hold data or datasets are not hyperparameters (nor safe to pickle into checkpoints).
@@ -113,6 +125,8 @@ class FederatedDataModule(pl.LightningDataModule):
         check_int("rounds_per_epoch", rounds_per_epoch, minimum=1)
         check_int("eval_clients_per_batch", eval_clients_per_batch, minimum=1)
         check_int("seed", seed)
+        if prefetch is not None:
+            check_int("prefetch", prefetch, minimum=0)
         self.clients_per_round = clients_per_round
         self.support_size = support_size
         self.query_size = query_size
@@ -125,6 +139,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.eval_clients_per_batch = eval_clients_per_batch
         self.replacement = bool(replacement)
         self.seed = seed
+        self.prefetch = prefetch
         self._populations: dict[str, Population] | None = None
         self._train_weights: Tensor | None = None
         self._checks: ClientChecks | None = None
@@ -185,7 +200,7 @@ class FederatedDataModule(pl.LightningDataModule):
         for split in ("val", "test"):
             self._check_eval_sizes(populations[split])
         if self.client_sampling == "size" and train.uniform is None:
-            self._train_weights = torch.tensor([float(train.size(i)) for i in range(len(train))], dtype=torch.float64)
+            self._train_weights = train.sizes(torch.arange(len(train))).double()
         self._checks, self._checked = checks, checked
         self._populations = populations  # only once every check passed: a failed setup can be retried
 
@@ -247,19 +262,23 @@ class FederatedDataModule(pl.LightningDataModule):
         ``[0, num_classes)`` for classification, and shapes and dtypes equal to the first client's."""
         data = population.client(i)
         if id(population) not in self._checked:
-            if self._checks is None:
-                self._checks = ClientChecks(self.num_classes)
-            self._checks.check(population.name(i), data)
+            self._client_checks().check(population.name(i), data)
         return data
 
-    def _sample_clients(self, round_idx: int) -> list[int]:
-        train = self.population("train")
-        m = self.clients_per_round
+    def _client_checks(self) -> ClientChecks:
+        if self._checks is None:
+            self._checks = ClientChecks(self.num_classes)
+        return self._checks
+
+    def _sample_clients(self, round_idx: int) -> Tensor:
+        """Positions of round ``round_idx``'s clients in the train population: uniformly
+        (:func:`~lightning_metafed.data.draws.sample_clients`) or in proportion to their sizes."""
+        m, train = self.clients_per_round, self.population("train")  # sets up the size weights
         if self._train_weights is not None:
             return torch.multinomial(
                 self._train_weights, m, replacement=False, generator=generator(self.seed, CLIENTS, round_idx)
-            ).tolist()
-        return python_rng(self.seed, CLIENTS, round_idx).sample(range(len(train)), m)
+            )
+        return sample_clients(hash_state(self.seed, CLIENTS, round_idx), len(train), m)
 
     def _train_sizes(self, n: int, end: int | None, name: str) -> tuple[int, int]:
         """``(S, Q)`` of a train client with ``n`` examples (support part ``[:end]`` if fixed);
@@ -271,6 +290,8 @@ class FederatedDataModule(pl.LightningDataModule):
                     f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
                     f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
                 )
+            if S + Q > n and n < 2:
+                raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
             return S, Q
         S, Q = resolve_size(self.support_size, end), resolve_size(self.query_size, n - end)
         if (S > end or Q > n - end) and not self.replacement:
@@ -280,90 +301,109 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         return S, Q
 
-    @staticmethod
-    def _draw(n: int, k: int, g: torch.Generator) -> Tensor:
-        """``k`` of ``n`` indices: without replacement when possible, else with replacement."""
-        return torch.randperm(n, generator=g)[:k] if k <= n else torch.randint(n, (k,), generator=g)
+    def _round_sizes(self, population: Population, rows: Tensor, n: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+        """``[m]`` support and query sizes of train clients ``rows``; the error of the first client
+        that is too small (see :meth:`_train_sizes`)."""
+        fixed, e = end >= 0, end.clamp(min=0)
+        S = torch.where(fixed, resolve_sizes(self.support_size, e), resolve_sizes(self.support_size, n))
+        Q = torch.where(fixed, resolve_sizes(self.query_size, n - e), resolve_sizes(self.query_size, n))
+        short = torch.where(fixed, (S > e) | (Q > n - e), S + Q > n)
+        bad = (n < 1) | (short & (not self.replacement)) | (short & ~fixed & (n < 2))
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            name = population.name(int(rows[k]))
+            if int(n[k]) < 1:
+                raise ValueError(f"Client {name!r} has no examples")
+            self._train_sizes(int(n[k]), None if int(end[k]) < 0 else int(end[k]), name)
+        return S, Q
 
-    def train_task(self, population: Population, i: int, round_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Disjoint support and query examples of train client ``i`` for round ``round_idx``."""
-        data = self.load_client(population, i)
-        name = population.name(i)
-        n = data.x.shape[0]
-        g = generator(self.seed, TRAIN, round_idx, population.global_id(i))
-        end = data.support_end
-        S, Q = self._train_sizes(n, end, name)
-        if end is None:
-            if S + Q <= n:
-                perm = torch.randperm(n, generator=g)
-                s_idx, q_idx = perm[:S], perm[S : S + Q]
-            else:  # replacement: disjoint pools, each sampled with replacement
-                if n < 2:
-                    raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
-                perm = torch.randperm(n, generator=g)
-                cut = min(max(1, int(round(n * S / (S + Q)))), n - 1)
-                s_idx = perm[:cut][torch.randint(cut, (S,), generator=g)]
-                q_idx = perm[cut:][torch.randint(n - cut, (Q,), generator=g)]
-        else:
-            s_idx = self._draw(end, S, g)
-            q_idx = end + self._draw(n - end, Q, g)
-        return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
+    def _fetch(self, population: Population) -> Fetch:
+        """How a batch reads ``population``: one batched gather, or client by client
+        (:meth:`Population.read`); what is read is checked unless :meth:`setup` checked every client."""
+        if population.batched:
+
+            def fetch(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+                x, y = population.gather(rows, index)
+                if id(population) not in self._checked:
+                    self._client_checks().check_batch(x, y, valid, lambda k: population.name(int(rows[k])))
+                return x, y
+
+            return fetch
+
+        def fetch_each(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+            read = [population.read(i, k) for i, k in zip(rows.tolist(), index)]
+            if id(population) not in self._checked:
+                for i, data, ok in zip(rows.tolist(), read, valid):
+                    self._client_checks().check(population.name(i), ClientData(data.x[ok], data.y[ok]))
+            return torch.stack([d.x for d in read]), torch.stack([d.y for d in read])
+
+        return fetch_each
+
+    def _train_batch(self, population: Population, rows: Tensor, round_idx: int) -> TaskBatch:
+        n, end, ids = population.sizes(rows), population.support_ends(rows), population.global_ids(rows)
+        S, Q = self._round_sizes(population, rows, n, end)
+        support, query = train_indices(hash_state(self.seed, TRAIN, round_idx, ids), n, end, S, Q)
+        return assemble(self._fetch(population), rows, (support, S), (query, Q), n, ids)
 
     def round_batch(self, round_idx: int) -> TaskBatch:
-        """The TaskBatch of training round ``round_idx`` (a pure function of seed and round)."""
-        train = self.population("train")
-        ids = self._sample_clients(round_idx)
-        tasks = [self.train_task(train, i, round_idx) for i in ids]
-        weights = [float(train.size(i)) for i in ids]
-        return stack_tasks(tasks, weights, [train.global_id(i) for i in ids])
+        """The TaskBatch of training round ``round_idx`` (a pure function of seed and round; the
+        draws are those of :mod:`lightning_metafed.data.draws`)."""
+        rows = self._sample_clients(round_idx)
+        return self._train_batch(self.population("train"), rows, round_idx)
+
+    def train_task(self, population: Population, i: int, round_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Disjoint support and query examples of train client ``i`` for round ``round_idx`` (its
+        row of :meth:`round_batch` when the round samples it)."""
+        b = self._train_batch(population, torch.tensor([i]), round_idx)
+        return b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0]
+
+    def _eval_batch(self, population: Population, rows: Tensor) -> TaskBatch:
+        n, end, ids = population.sizes(rows), population.support_ends(rows), population.global_ids(rows)
+        S = resolve_sizes(self.eval_support_size, n)
+        s_idx, S, q_idx, Q = eval_positions(hash_state(self.seed, EVAL, ids), n, end, S)
+        return assemble(self._fetch(population), rows, (s_idx, S), (q_idx, Q), n, ids)
 
     def eval_task(self, population: Population, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Held-out client ``i``'s support set and its whole query set (fixed for the run)."""
-        data = self.load_client(population, i)
-        n = data.x.shape[0]
-        if data.support_end is not None:
-            s_idx, q_idx = torch.arange(data.support_end), torch.arange(data.support_end, n)
-        else:
-            S = resolve_size(self.eval_support_size, n)
-            perm = torch.randperm(n, generator=generator(self.seed, EVAL, population.global_id(i)))
-            s_idx, q_idx = perm[:S], perm[S:]
-        return data.x[s_idx], data.y[s_idx], data.x[q_idx], data.y[q_idx]
+        b = self._eval_batch(population, torch.tensor([i]))
+        return b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0]
 
     def eval_batch(self, split: str, indices: range | list[int]) -> TaskBatch:
         """A padded TaskBatch of the held-out clients ``indices`` of ``split``."""
-        population = self.population(split)
-        tasks = [self.eval_task(population, i) for i in indices]
-        weights = [float(population.size(i)) for i in indices]
-        return stack_tasks(tasks, weights, [population.global_id(i) for i in indices])
+        return self._eval_batch(self.population(split), torch.as_tensor(list(indices), dtype=torch.long))
 
     # ------------------------------------------------------------------------------ validation
 
-    def _client_sizes(self, population: Population) -> list[tuple[int, int, int | None]]:
+    def _size_rows(self, population: Population) -> Tensor:
+        """The clients whose sizes setup checks: one of a uniform population, none of a huge one
+        (checked as each round draws them), else all."""
         if population.uniform is not None:
-            return [(0, *population.uniform)] if len(population) else []
+            return torch.zeros(min(len(population), 1), dtype=torch.long)
         if len(population) > EAGER_CHECK_LIMIT:
-            return []  # checked lazily when each client is loaded
-        return [(i, population.size(i), population.support_end(i)) for i in range(len(population))]
+            return torch.zeros(0, dtype=torch.long)
+        return torch.arange(len(population))
 
     def _check_train_sizes(self, population: Population) -> None:
-        for i, n, end in self._client_sizes(population):
-            name = population.name(i)
-            if n < 1:
-                raise ValueError(f"Client {name!r} has no examples")
-            self._train_sizes(n, end, name)
+        rows = self._size_rows(population)
+        if rows.numel():
+            self._round_sizes(population, rows, population.sizes(rows), population.support_ends(rows))
 
     def _check_eval_sizes(self, population: Population) -> None:
-        for i, n, end in self._client_sizes(population):
-            name = population.name(i)
-            if end is None:
-                S = resolve_size(self.eval_support_size, n)
-                if S >= n:
-                    raise ValueError(
-                        f"Expected `eval_support_size` < {n} for held-out client {name!r} (it has {n} examples "
-                        f"and needs at least one query example), got {S}"
-                    )
-            elif end < 1 or end >= n:
-                raise ValueError(
-                    f"Held-out client {name!r} needs at least one support and one query example, "
-                    f"got {end} and {n - end}"
-                )
+        rows = self._size_rows(population)
+        if not rows.numel():
+            return
+        n, end = population.sizes(rows), population.support_ends(rows)
+        S = resolve_sizes(self.eval_support_size, n)
+        bad = torch.where(end >= 0, (end < 1) | (end >= n), S >= n)
+        if not bool(bad.any()):
+            return
+        k = int(bad.nonzero()[0])
+        name, n_k, e_k, S_k = population.name(int(rows[k])), int(n[k]), int(end[k]), int(S[k])
+        if e_k < 0:
+            raise ValueError(
+                f"Expected `eval_support_size` < {n_k} for held-out client {name!r} (it has {n_k} examples "
+                f"and needs at least one query example), got {S_k}"
+            )
+        raise ValueError(
+            f"Held-out client {name!r} needs at least one support and one query example, got {e_k} and {n_k - e_k}"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.data.datamodule import FederatedDataModule
@@ -25,7 +25,13 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     """Integer labels of a dataset: its ``targets`` attribute when present, else ``dataset[i][1]``.
     Float labels are rejected (a classification source is given float targets)."""
     targets = getattr(dataset, "targets", None)
-    if targets is not None:
+    if type(dataset) is TensorDataset and len(dataset.tensors) == 2:  # item j's label is tensors[1][j]
+        labels, where = dataset.tensors[1].reshape(len(dataset), -1 if len(dataset) else 1), "the `dataset`'s label tensor"
+        if labels.shape[1] != 1:
+            shape = tuple(dataset.tensors[1].shape[1:])
+            raise ValueError(f"Expected `dataset` item 0 to have one class label, got a label of shape {shape}")
+        labels = labels[:, 0]
+    elif targets is not None:
         labels, where = torch.as_tensor(targets).reshape(-1), "`dataset.targets`"
     else:
         labels, where = [as_label(dataset[i][1], i) for i in range(len(dataset))], "`dataset` items"
@@ -38,11 +44,20 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     return labels.long()
 
 
+def tensor_backing(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x, labels)`` when ``dataset`` is a plain ``TensorDataset`` of ``(x, y)`` (item ``j`` is
+    ``(x[j], y[j])``), so rounds can read it with one indexing operation; else ``None``."""
+    if type(dataset) is TensorDataset and len(dataset.tensors) == 2:
+        return dataset.tensors[0], labels
+    return None
+
+
 class DatasetClients(FederatedDataModule):
     """A map-style dataset of ``(x, y)`` items (``y`` an integer class) partitioned into clients.
 
     Items are loaded (and transformed by the dataset) when a client is sampled, so only the
-    partition's indices stay in memory. From YAML::
+    partition's indices stay in memory. A plain ``TensorDataset`` is read directly: a round's
+    examples with one indexing operation. From YAML::
 
         data:
           class_path: lightning_metafed.data.DatasetClients
@@ -87,4 +102,4 @@ class DatasetClients(FederatedDataModule):
             bad = labels[(labels < 0) | (labels >= self.num_classes)]
             raise ValueError(f"Expected dataset labels in [0, {self.num_classes}) (`num_classes`), got {bad[:5].tolist()}")
         parts = self.partitioner(labels, self.num_clients, self.seed)
-        return PartitionedPopulation(parts, dataset_loader(self.dataset))
+        return PartitionedPopulation(parts, dataset_loader(self.dataset), tensors=tensor_backing(self.dataset, labels))

@@ -61,4 +61,4 @@ class DigitsClients(FederatedDataModule):
     def build_population(self) -> Population:
         x, y = load_digits_tensors(self.images)
         parts = self.partitioner(y, self.num_clients, self.seed)
-        return PartitionedPopulation(parts, tensor_loader(x, y), in_memory=True)
+        return PartitionedPopulation(parts, tensor_loader(x, y), tensors=(x, y))

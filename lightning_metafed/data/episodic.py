@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.data.datamodule import FederatedDataModule
-from lightning_metafed.data.sizes import check_fractions
 from lightning_metafed.data.dataset import dataset_labels
+from lightning_metafed.data.draws import order
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
-from lightning_metafed.data.seeding import POPULATION, generator
+from lightning_metafed.data.seeding import POPULATION, extend, generator, hash_state
+from lightning_metafed.data.sizes import check_fractions
 
 __all__ = ["EpisodicClients"]
 
@@ -92,32 +92,70 @@ class EpisodicClients(FederatedDataModule):
                 )
         size, end = self.ways * need, self.ways * self.shots
         counts = {"train": self.num_train_clients, "val": self.num_eval_clients, "test": self.num_eval_clients}
-        return {
-            split: LazyPopulation(
+        table, sizes = _class_table(per_class, int(classes.max()) + 1)
+        x_tensor = dataset_tensor(self.dataset)
+        populations = {}
+        for split_id, split in enumerate(pools):
+            episodes = Episodes(self, split_id, torch.tensor(pools[split], dtype=torch.long), table, sizes, x_tensor)
+            populations[split] = LazyPopulation(
                 counts[split] if len(pools[split]) >= self.ways else 0,
-                self._episode_maker(split_id, pools[split], per_class),
+                episodes.client,
                 size,
                 end,
+                gather=episodes.gather if x_tensor is not None else None,
             )
-            for split_id, split in enumerate(pools)
-        }
+        return populations
 
-    def _episode_maker(self, split_id: int, pool: list[int], per_class: dict[int, torch.Tensor]) -> Callable[[int], ClientData]:
-        def make(k: int) -> ClientData:
-            g = generator(self.seed, POPULATION, split_id, k)
-            chosen = [pool[j] for j in torch.randperm(len(pool), generator=g)[: self.ways].tolist()]
-            support, query = [], []
-            for c in chosen:
-                idx = per_class[c]
-                picked = idx[torch.randperm(len(idx), generator=g)[: self.shots + self.queries]]
-                support.append(picked[: self.shots])
-                query.append(picked[self.shots :])
-            order = torch.cat(support + query)
-            items = [self.dataset[int(j)] for j in order]
-            x = torch.stack([torch.as_tensor(item[0]) for item in items])
-            y = torch.cat(
-                [torch.full((self.shots,), w) for w in range(self.ways)] + [torch.full((self.queries,), w) for w in range(self.ways)]
-            ).long()
-            return ClientData(x, y, self.ways * self.shots)
 
-        return make
+def _class_table(per_class: dict[int, torch.Tensor], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[classes, most]`` dataset indices of each class's examples (padded with 0) and their counts."""
+    sizes = torch.zeros(num_classes, dtype=torch.long)
+    table = torch.zeros(num_classes, max(len(v) for v in per_class.values()), dtype=torch.long)
+    for c, idx in per_class.items():
+        sizes[c] = len(idx)
+        table[c, : len(idx)] = idx
+    return table, sizes
+
+
+def dataset_tensor(dataset: Dataset) -> torch.Tensor | None:
+    """The features of a plain ``TensorDataset`` of ``(x, y)`` (item ``j`` is ``x[j]``), else ``None``."""
+    if type(dataset) is TensorDataset and len(dataset.tensors) == 2:
+        return dataset.tensors[0]
+    return None
+
+
+class Episodes:
+    """The episodes of one split, many at once: episode ``k`` (``h = hash_state(seed, POPULATION,
+    split, k)``) takes the classes at the first ``ways`` positions of ``order(extend(h, 0), |pool|)``
+    and, from its ``w``-th class, the examples at the first ``shots + queries`` positions of
+    ``order(extend(h, 1 + w), |class|)`` (see :mod:`lightning_metafed.data.draws`)."""
+
+    def __init__(self, source: EpisodicClients, split_id: int, pool: torch.Tensor, table: torch.Tensor,
+                 sizes: torch.Tensor, x: torch.Tensor | None):
+        self.source, self.split_id, self.pool, self.table, self.sizes, self.x = source, split_id, pool, table, sizes, x
+        ways, shots, queries = source.ways, source.shots, source.queries
+        self.labels = torch.cat([torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)])
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[m, ways·(shots + queries)]`` dataset indices: every class's support, then every class's query."""
+        src = self.source
+        m, ways, k = len(ids), src.ways, src.shots + src.queries
+        h = hash_state(src.seed, POPULATION, self.split_id, ids)
+        classes = self.pool[order(extend(h, 0), torch.full((m,), len(self.pool)), ways)]
+        per_class = extend(h[:, None], 1 + torch.arange(ways)).reshape(-1)
+        picked = order(per_class, self.sizes[classes].reshape(-1), k)
+        picked = self.table[classes.reshape(-1, 1), picked].reshape(m, ways, k)
+        return torch.cat([picked[:, :, : src.shots].reshape(m, -1), picked[:, :, src.shots :].reshape(m, -1)], dim=1)
+
+    def client(self, k: int) -> ClientData:
+        order_ = self.indices(torch.tensor([k]))[0]
+        if self.x is not None:
+            x = self.x[order_]
+        else:
+            x = torch.stack([torch.as_tensor(self.source.dataset[int(j)][0]) for j in order_])
+        return ClientData(x, self.labels.clone(), self.source.ways * self.source.shots)
+
+    def gather(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.indices(rows).gather(1, index)
+        x = self.x.index_select(0, flat.reshape(-1)).reshape(*flat.shape, *self.x.shape[1:])
+        return x, self.labels[index]

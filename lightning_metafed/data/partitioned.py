@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_metafed.data.packed import Packed
 from lightning_metafed.data.partition import Dirichlet, Partitioner
 from lightning_metafed.data.population import ClientData, Population
 
@@ -27,12 +28,26 @@ def check_partitioner(partitioner: Partitioner | None) -> Partitioner:
 
 class PartitionedPopulation(Population):
     """Clients holding the example ``parts[i]`` of a dataset; ``load(indices) -> (x, y)``.
-    ``in_memory``: ``load`` indexes tensors already in memory (rather than reading items on demand)."""
 
-    def __init__(self, parts: list[Tensor], load: Callable[[Tensor], tuple[Tensor, Tensor]], in_memory: bool = False):
+    ``tensors=(x, y)``: the dataset is these tensors (``load`` indexes them): the population is then
+    in memory and ``batched``, reading a round's examples with one indexing operation through the
+    concatenated parts (no example is copied)."""
+
+    def __init__(
+        self,
+        parts: list[Tensor],
+        load: Callable[[Tensor], tuple[Tensor, Tensor]],
+        tensors: tuple[Tensor, Tensor] | None = None,
+    ):
         self.parts = parts
         self.load = load
-        self.in_memory = bool(in_memory)
+        self._sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        self.in_memory = self.batched = tensors is not None
+        self.packed: Packed | None = None
+        if tensors is not None:
+            order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), self._sizes.cumsum(0)])
+            self.packed = Packed(*tensors, offsets, torch.full((len(parts),), -1, dtype=torch.long), order.long())
 
     def __len__(self) -> int:
         return len(self.parts)
@@ -40,11 +55,29 @@ class PartitionedPopulation(Population):
     def size(self, i: int) -> int:
         return len(self.parts[i])
 
+    def sizes(self, rows: Tensor) -> Tensor:
+        return self._sizes[rows]
+
     def support_end(self, i: int) -> None:
         return None
 
+    def support_ends(self, rows: Tensor) -> Tensor:
+        return torch.full((len(rows),), -1, dtype=torch.long)
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        return rows.clone()
+
+    def gather(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        if self.packed is None:
+            return super().gather(rows, index)
+        return self.packed.gather(rows, index)
+
     def client(self, i: int) -> ClientData:
         x, y = self.load(self.parts[i])
+        return ClientData(x, y)
+
+    def read(self, i: int, index: Tensor) -> ClientData:
+        x, y = self.load(self.parts[i][index])
         return ClientData(x, y)
 
 

@@ -7,6 +7,11 @@ split, LEAF's train/test files, a few-shot episode, or a client's local train/te
 
 Populations are lazy: ``client(i)`` builds or loads client ``i`` on demand, so a population of
 10^6 generated clients costs no memory.
+
+A population is ``batched`` when :meth:`Population.gather` reads many clients' examples with tensor
+operations (packed storage, or a generator evaluated for all sampled clients at once); the data
+module then builds a round without a Python call per client. Other populations are read client by
+client through :meth:`Population.client`.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_metafed.data.seeding import LOCAL, generator
+from lightning_metafed.data.packed import Packed, pack_clients
 
-__all__ = ["ClientData", "Population", "ListPopulation", "LazyPopulation", "SubsetPopulation", "LocalPartPopulation"]
+__all__ = ["ClientData", "Population", "ListPopulation", "LazyPopulation", "SubsetPopulation"]
 
 
 class ClientData(NamedTuple):
@@ -60,6 +65,37 @@ class Population:
     #: data module then checks every client once at setup instead of each one as it is loaded.
     in_memory: bool = False
 
+    #: Whether :meth:`gather` reads many clients at once with tensor operations.
+    batched: bool = False
+
+    def sizes(self, rows: Tensor) -> Tensor:
+        """``[m]`` example counts of clients ``rows`` (a LongTensor of positions)."""
+        if self.uniform is not None:
+            return torch.full((len(rows),), self.uniform[0], dtype=torch.long)
+        return torch.tensor([self.size(i) for i in rows.tolist()], dtype=torch.long)
+
+    def support_ends(self, rows: Tensor) -> Tensor:
+        """``[m]`` fixed splits of clients ``rows``; ``-1`` for a client without one."""
+        if self.uniform is not None:
+            end = self.uniform[1]
+            return torch.full((len(rows),), -1 if end is None else end, dtype=torch.long)
+        ends = (self.support_end(i) for i in rows.tolist())
+        return torch.tensor([-1 if e is None else e for e in ends], dtype=torch.long)
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        """``[m]`` ids of clients ``rows`` in the full population."""
+        return torch.tensor([self.global_id(i) for i in rows.tolist()], dtype=torch.long)
+
+    def gather(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [m, k, ...]`` and ``y [m, k, ...]``: examples ``index[i]`` (valid positions) of clients
+        ``rows[i]``, read with tensor operations. Only for a ``batched`` population."""
+        raise NotImplementedError(f"{type(self).__name__} reads clients one by one (it is not batched)")
+
+    def read(self, i: int, index: Tensor) -> ClientData:
+        """Examples ``index`` of client ``i`` (override to load only those, e.g. items on disk)."""
+        data = self.client(i)
+        return ClientData(data.x[index], data.y[index])
+
 
 class ListPopulation(Population):
     """Clients given as a list of :class:`ClientData` (optionally named)."""
@@ -67,15 +103,42 @@ class ListPopulation(Population):
     in_memory = True
 
     def __init__(self, clients: Sequence[ClientData], names: Sequence[str] | None = None, first_id: int = 0):
-        self.clients = list(clients)
+        clients = list(clients)
         self.names = None if names is None else list(names)
         self.first_id = first_id
+        self.num_clients = len(clients)
+        #: The clients packed into one tensor (``None`` when they cannot be: then kept as given).
+        self.packed: Packed | None = pack_clients([c.x for c in clients], [c.y for c in clients], [c.support_end for c in clients])
+        self.clients = None if self.packed is not None else clients
+        self.batched = self.packed is not None
 
     def __len__(self) -> int:
-        return len(self.clients)
+        return self.num_clients
 
     def client(self, i: int) -> ClientData:
-        return self.clients[i]
+        if self.packed is None:
+            return self.clients[i]
+        if not 0 <= i < self.num_clients:
+            raise IndexError(i)
+        return ClientData(*self.packed.client(i))
+
+    def size(self, i: int) -> int:
+        return int(self.packed.sizes(torch.tensor(i))) if self.packed is not None else len(self.clients[i].x)
+
+    def support_end(self, i: int) -> int | None:
+        return self.client(i).support_end
+
+    def sizes(self, rows: Tensor) -> Tensor:
+        return self.packed.sizes(rows) if self.packed is not None else super().sizes(rows)
+
+    def support_ends(self, rows: Tensor) -> Tensor:
+        return self.packed.support_end[rows] if self.packed is not None else super().support_ends(rows)
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        return rows + self.first_id
+
+    def gather(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.packed.gather(rows, index)
 
     def global_id(self, i: int) -> int:
         return self.first_id + i
@@ -85,12 +148,33 @@ class ListPopulation(Population):
 
 
 class LazyPopulation(Population):
-    """``num_clients`` clients built on demand by ``make(i) -> ClientData``, all of one size."""
+    """``num_clients`` clients built on demand by ``make(i) -> ClientData``, all of one size.
 
-    def __init__(self, num_clients: int, make: Callable[[int], ClientData], size: int, support_end: int | None = None):
+    ``gather(rows, index)``, when given, builds the examples ``index[i]`` of clients ``rows[i]`` for
+    many clients at once (it must equal ``make(rows[i])`` at those positions); the population is then
+    ``batched``."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        make: Callable[[int], ClientData],
+        size: int,
+        support_end: int | None = None,
+        gather: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    ):
         self.num_clients = num_clients
         self.make = make
         self.uniform = (size, support_end)
+        self._gather = gather
+        self.batched = gather is not None
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        return rows.clone()
+
+    def gather(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        if self._gather is None:
+            return super().gather(rows, index)
+        return self._gather(rows, index)
 
     def __len__(self) -> int:
         return self.num_clients
@@ -115,6 +199,22 @@ class SubsetPopulation(Population):
         self.ids = ids
         self.uniform = base.uniform
         self.in_memory = base.in_memory
+        self.batched = base.batched
+
+    def sizes(self, rows: Tensor) -> Tensor:
+        return self.base.sizes(self.ids[rows])
+
+    def support_ends(self, rows: Tensor) -> Tensor:
+        return self.base.support_ends(self.ids[rows])
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        return self.base.global_ids(self.ids[rows])
+
+    def gather(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base.gather(self.ids[rows], index)
+
+    def read(self, i: int, index: Tensor) -> ClientData:
+        return self.base.read(int(self.ids[i]), index)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -133,92 +233,3 @@ class SubsetPopulation(Population):
 
     def support_end(self, i: int) -> int | None:
         return self.base.support_end(int(self.ids[i]))
-
-
-def local_part_sizes(n: int, fractions: tuple[float, float, float], support_end: int | None) -> tuple[int, int, int]:
-    """Sizes of a client's local (train, val, test) parts.
-
-    Without a fixed split the ``n`` examples are divided by ``fractions`` (each part with a positive
-    fraction gets at least one example when possible). With a fixed split, test is the query part
-    and val is carved from the support part in proportion ``fractions[1] : fractions[0]``.
-    """
-    f_train, f_val, f_test = fractions
-    if support_end is not None:
-        n_test = n - support_end
-        n_val = int(round(support_end * f_val / (f_train + f_val))) if f_val > 0 else 0
-        if f_val > 0:
-            n_val = min(max(n_val, 1), support_end - 1)
-        return support_end - n_val, n_val, n_test
-    n_val = int(round(n * f_val))
-    n_test = int(round(n * f_test))
-    if f_val > 0:
-        n_val = max(n_val, 1)
-    if f_test > 0:
-        n_test = max(n_test, 1)
-    return n - n_val - n_test, n_val, n_test
-
-
-class LocalPartPopulation(Population):
-    """Every client of ``base`` restricted to its local ``part`` (``local`` evaluation protocol).
-
-    ``part="train"``: the client's local train part (no fixed split; rounds draw support and query
-    from it). ``part="val"``/``"test"``: the local train part as support, followed by that part as
-    query (``support_end`` = train size). The split of each client is a pure function of
-    ``(seed, client id)``.
-    """
-
-    PARTS = ("train", "val", "test")
-
-    def __init__(self, base: Population, part: str, fractions: tuple[float, float, float], seed: int):
-        if part not in self.PARTS:
-            raise ValueError(f"Expected `part` in {self.PARTS}, got {part!r}")
-        self.base = base
-        self.part = part
-        self.fractions = fractions
-        self.seed = seed
-        self.in_memory = base.in_memory
-        if base.uniform is not None:
-            sizes = local_part_sizes(base.uniform[0], fractions, base.uniform[1])
-            self.uniform = (sizes[0], None) if part == "train" else (sizes[0] + sizes[self.PARTS.index(part)], sizes[0])
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def global_id(self, i: int) -> int:
-        return self.base.global_id(i)
-
-    def name(self, i: int) -> str:
-        return self.base.name(i)
-
-    def _sizes(self, i: int) -> tuple[int, int, int]:
-        return local_part_sizes(self.base.size(i), self.fractions, self.base.support_end(i))
-
-    def size(self, i: int) -> int:
-        sizes = self._sizes(i)
-        return sizes[0] if self.part == "train" else sizes[0] + sizes[self.PARTS.index(self.part)]
-
-    def support_end(self, i: int) -> int | None:
-        return None if self.part == "train" else self._sizes(i)[0]
-
-    def indices(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Example indices of client ``i``'s local (train, val, test) parts."""
-        data_end = self.base.support_end(i)
-        n = self.base.size(i)
-        n_train, n_val, n_test = self._sizes(i)
-        g = generator(self.seed, LOCAL, self.base.global_id(i))
-        if data_end is None:
-            perm = torch.randperm(n, generator=g)
-            return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
-        support = torch.randperm(data_end, generator=g)
-        return support[:n_train], support[n_train:], torch.arange(data_end, n)
-
-    def client(self, i: int) -> ClientData:
-        data = self.base.client(i)
-        if len(data.x) != len(data.y):
-            raise ValueError(f"Client {self.name(i)!r}: x has {len(data.x)} examples but y has {len(data.y)}")
-        train, val, test = self.indices(i)
-        if self.part == "train":
-            return ClientData(data.x[train], data.y[train], None)
-        query = val if self.part == "val" else test
-        idx = torch.cat([train, query])
-        return ClientData(data.x[idx], data.y[idx], len(train))

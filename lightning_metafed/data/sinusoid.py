@@ -6,11 +6,12 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
-from lightning_metafed.data.seeding import POPULATION, generator
+from lightning_metafed.data.seeding import POPULATION, extend, finish, hash_state, unit_tensor
 
 __all__ = ["SinusoidClients"]
 
@@ -55,23 +56,37 @@ class SinusoidClients(FederatedDataModule):
         self.x_range = _check_range("x_range", x_range)
         self.noise_std = float(noise_std)
 
+    def functions(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``[m]`` float64 amplitudes and phases of clients ``ids``: ``A = low + (high - low) u`` with
+        ``u = unit(mix(seed, POPULATION, k, 0, 0))`` (the phase from ``..., 0, 1``)."""
+        h = extend(hash_state(self.seed, POPULATION, ids), 0)
+        u_amp, u_phase = (unit_tensor(finish(extend(h, t))) for t in (0, 1))
+        amp = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u_amp
+        return amp, self.phase[0] + (self.phase[1] - self.phase[0]) * u_phase
+
     def client_function(self, k: int) -> tuple[float, float]:
         """Client ``k``'s ``(amplitude, phase)``."""
-        g = generator(self.seed, POPULATION, k)
-        u = torch.rand(2, generator=g, dtype=torch.float64)
-        amp = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * float(u[0])
-        phase = self.phase[0] + (self.phase[1] - self.phase[0]) * float(u[1])
-        return amp, phase
+        amp, phase = self.functions(torch.tensor([k]))
+        return float(amp[0]), float(phase[0])
+
+    def examples(self, ids: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Examples ``index[i]`` (``[m, k]``) of clients ``ids[i]``, generated for all clients at once:
+        ``x_j = low + (high - low) unit(mix(seed, POPULATION, k, 1, j))`` (float32) and
+        ``y_j = A sin(x_j + φ) + noise_std · z_j`` computed in float64, with ``z_j`` a Box–Muller normal
+        of ``unit(mix(..., 2, j))`` and ``unit(mix(..., 3, j))``. Returns ``[m, k, 1]`` float32 tensors."""
+        amp, phase = self.functions(ids)
+        h = hash_state(self.seed, POPULATION, ids)[:, None]
+        low, high = self.x_range
+        x = (low + (high - low) * unit_tensor(finish(extend(extend(h, 1), index)))).float()
+        y = amp[:, None] * torch.sin(x.double() + phase[:, None])
+        if self.noise_std > 0:
+            u1, u2 = (unit_tensor(finish(extend(extend(h, t), index))) for t in (2, 3))
+            y = y + self.noise_std * torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2.0 * math.pi * u2)
+        return x[..., None], y.float()[..., None]
 
     def make_client(self, k: int) -> ClientData:
-        amp, phase = self.client_function(k)
-        g = generator(self.seed, POPULATION, k, 1)
-        low, high = self.x_range
-        x = low + (high - low) * torch.rand(self.examples_per_client, 1, generator=g)
-        y = amp * torch.sin(x + phase)
-        if self.noise_std > 0:
-            y = y + self.noise_std * torch.randn(y.shape, generator=g)
-        return ClientData(x, y)
+        x, y = self.examples(torch.tensor([k]), torch.arange(self.examples_per_client)[None])
+        return ClientData(x[0], y[0])
 
     def build_population(self) -> Population:
-        return LazyPopulation(self.num_clients, self.make_client, self.examples_per_client)
+        return LazyPopulation(self.num_clients, self.make_client, self.examples_per_client, gather=self.examples)

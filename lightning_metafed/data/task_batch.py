@@ -36,7 +36,8 @@ class TaskBatch:
     ``query_x``/``query_y``; support and query of one per-example shape and dtype (inputs, and
     targets); ``weight`` finite, ``>= 0`` and not all zero; masks of shape ``[m, S]``/``[m, Q]``
     holding only 0/1.
-    Lightning moves the batch between devices like any dataclass.
+    Lightning moves the batch between devices with :meth:`to`; from pinned memory (see
+    :meth:`pin_memory`) the copies are asynchronous.
     """
 
     support_x: Tensor
@@ -144,9 +145,24 @@ class TaskBatch:
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **changes)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
-        """Move every tensor to ``device``; cast floating-point tensors (not integer labels) to ``dtype``."""
-        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool | None = None
+    ) -> TaskBatch:
+        """Move every tensor to ``device``; cast floating-point tensors (not integer labels) to
+        ``dtype``. ``non_blocking`` (default: for tensors in pinned memory) copies asynchronously."""
+
+        def move(t: Tensor) -> Tensor:
+            asynchronous = t.is_pinned() if non_blocking is None else non_blocking
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=asynchronous)
+
+        return self.map_tensors(move)
+
+    def pin_memory(self) -> TaskBatch:
+        """A new batch with every tensor field in page-locked (pinned) host memory, from which
+        copies to a CUDA device can run asynchronously. Needs CUDA: ``Tensor.pin_memory`` raises on
+        a machine without it, so call this only for batches bound for a CUDA device. Also what
+        ``DataLoader(pin_memory=True)`` calls on each batch."""
+        return self.map_tensors(lambda t: t.pin_memory())
 
     def __getitem__(self, index: int | slice | Tensor) -> TaskBatch:
         """The sub-batch of clients ``index``: an int (keeps a client dim of 1), a slice, or a

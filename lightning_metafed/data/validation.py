@@ -9,20 +9,22 @@ the client, the field, the offending value and what is allowed.
 
 Populations already in memory are checked in full when the data module is set up
 (:meth:`ClientChecks.check_population`: the same checks, with the value checks run over chunks of
-concatenated clients); clients loaded on demand are checked as they are loaded.
+concatenated clients); clients loaded on demand are checked as they are loaded (the examples a
+round reads from them, all of a round's clients at once: :meth:`ClientChecks.check_batch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lightning_metafed.data.local_parts import LocalPartPopulation
+from lightning_metafed.data.packed import Packed
 from lightning_metafed.data.population import (
     ClientData,
-    LocalPartPopulation,
     Population,
     SubsetPopulation,
 )
@@ -137,10 +139,28 @@ class ClientChecks:
         if not _values_ok(data.x, data.y, self.num_classes):
             raise _value_error(name, data.x, data.y, self.num_classes)
 
+    def check_batch(self, x: Tensor, y: Tensor, valid: Tensor, name_of: Callable[[int], str]) -> None:
+        """The examples a batch read from clients loaded on demand (``x``/``y`` of shape
+        ``[m, k, ...]``, ``valid`` ``[m, k]`` marking real examples): the same checks as :meth:`check`,
+        run on the whole batch at once; when one fails, client by client to name the one at fault."""
+        if self.spec is None or not self._batch_ok(x, y):
+            for k in range(x.shape[0]):
+                self.check(name_of(k), ClientData(x[k][valid[k]], y[k][valid[k]]))
+
+    def _batch_ok(self, x: Tensor, y: Tensor) -> bool:
+        spec = self.spec
+        same = (tuple(x.shape[2:]), x.dtype, tuple(y.shape[2:]), y.dtype)
+        if same != (spec.feature_shape, spec.feature_dtype, spec.target_shape, spec.target_dtype):
+            return False
+        return _values_ok(x, y, self.num_classes)
+
     def check_population(self, population: Population) -> None:
         """Every client of an in-memory ``population``: shapes and dtypes one by one, values over
         chunks of concatenated clients (a failing chunk is checked client by client to name one)."""
         n = len(population)
+        packed = getattr(population, "packed", None)
+        if packed is not None and n:
+            return self._check_packed(population, packed)
         start, xs, ys, size = 0, [], [], 0
         for i in range(n):
             data = population.client(i)
@@ -153,6 +173,30 @@ class ClientChecks:
                     for j in range(start, i + 1):
                         self.check(population.name(j), population.client(j))
                 start, xs, ys, size = i + 1, [], [], 0
+
+    def _check_packed(self, population: Population, packed: Packed) -> None:
+        """A packed population (every client of one per-example shape and dtype by construction): the
+        first client sets the reference, values are checked over chunks of the packed examples, and
+        a failure is traced to its client by offset."""
+        self._check_structure(population.name(0), population.client(0))
+        empty = (packed.offsets[1:] == packed.offsets[:-1]).nonzero()
+        if empty.numel():
+            raise ValueError(f"Client {population.name(int(empty[0]))!r} has no examples")
+        total = int(packed.offsets[-1])
+        step = max(1, CHUNK_ELEMENTS // max(1, packed.x[:1].numel() + packed.y[:1].numel()))
+        for start in range(0, total, step):
+            pos = torch.arange(start, min(start + step, total))
+            rows = pos if packed.order is None else packed.order[pos]
+            x, y = packed.x.index_select(0, rows), packed.y.index_select(0, rows)
+            if not _values_ok(x, y, self.num_classes):
+                bad = torch.zeros(len(x), dtype=torch.bool)
+                for t in (x, y):
+                    if t.is_floating_point():
+                        bad |= ~torch.isfinite(t).reshape(len(t), -1).all(1)
+                    elif t is y and self.num_classes is not None:
+                        bad |= ((t < 0) | (t >= self.num_classes)).reshape(len(t), -1).any(1)
+                for client in torch.searchsorted(packed.offsets, pos[bad], right=True).unique() - 1:
+                    self.check(population.name(int(client)), population.client(int(client)))
 
     def check_populations(self, populations: Mapping[str, Population], limit: int) -> set[int]:
         """Check every client of each population whose clients are in memory

@@ -49,12 +49,16 @@ def _in_dims(values: Any) -> Any:
     return 0
 
 
+#: ``torch.compile`` modes ``compile_clients`` accepts (``"reduce-overhead"`` uses CUDA graphs on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class ClientRunner:
     """``fn(*shared, *per_client_i)`` for every client ``i``, outputs stacked along dim 0.
 
     Vectorized with ``torch.func.vmap`` (``randomness="different"``; at most ``chunk_size`` clients
-    at a time) unless ``vectorize=False``; ``compile`` wraps the vmapped function in
-    ``torch.compile`` where the caller asks for it. If vmap fails and a loop succeeds, the runner
+    at a time) unless ``vectorize=False``; ``compile`` (``True`` or a ``torch.compile`` mode) wraps
+    the vmapped function in ``torch.compile`` where the caller asks for it. If vmap fails and a loop succeeds, the runner
     warns once with vmap's error and keeps using the loop (same results, slower).
 
     Args:
@@ -67,9 +71,11 @@ class ClientRunner:
         owner: str,
         vectorize: bool = True,
         chunk_size: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         warn: Callable[[str], None] | None = None,
     ):
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(f"Expected `compile_clients` to be True, False or a torch.compile mode in {COMPILE_MODES}, got {compile!r}")
         self.owner = owner
         self.warn = warn if warn is not None else (lambda message: warnings.warn(message, UserWarning, stacklevel=4))
         self.vectorize = vectorize
@@ -89,7 +95,9 @@ class ClientRunner:
             return torch.func.vmap(fn, in_dims=in_dims, randomness="different", chunk_size=chunk_size)
         key = (getattr(fn, "__func__", fn), repr(in_dims), chunk_size)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(torch.func.vmap(fn, in_dims=in_dims, randomness="different", chunk_size=chunk_size))
+            mode = None if self.compile is True else self.compile
+            vmapped = torch.func.vmap(fn, in_dims=in_dims, randomness="different", chunk_size=chunk_size)
+            self._compiled[key] = torch.compile(vmapped, mode=mode)
         return self._compiled[key]
 
     def map(

@@ -168,7 +168,7 @@ def test_evaluation_starts_a_trained_client_from_its_head_and_an_unseen_one_from
 @pytest.mark.parametrize("cls,kwargs", ALGORITHMS, ids=IDS)
 def test_a_resumed_fit_restores_the_store_and_equals_the_uninterrupted_one(cls, kwargs, tmp_path):
     def data():
-        return SinusoidClients(num_clients=10, clients_per_round=4, support_size=5, query_size=5, rounds_per_epoch=2, seed=3)
+        return SinusoidClients(num_clients=10, clients_per_round=4, support_size=5, query_size=5, rounds_per_epoch=2, seed=2)
 
     whole = make(cls, kwargs, net=mlp().float())
     quiet_trainer(max_steps=4).fit(whole, data())

@@ -222,3 +222,21 @@ def test_compiled_clients_equal_eager():
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     assert len(compiled.runner._compiled) == 1 and compiled.runner.vmap_error is None
+
+
+def test_compile_clients_passes_a_torch_compile_mode_and_rejects_others(monkeypatch):
+    import lightning_metafed.round.clients as clients
+
+    modes = []
+    monkeypatch.setattr(clients.torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    batch = sinusoid_batch(4)
+    eager = lm.MAML(mlp(hidden=4), inner_optimizer=SGD(lr=0.05), inner_steps=2)
+    for setting in (True, "reduce-overhead"):
+        model = lm.MAML(mlp(hidden=4), inner_optimizer=SGD(lr=0.05), inner_steps=2, compile_clients=setting)
+        model.round_gradients(batch)
+    assert modes == [None, "reduce-overhead"]
+    eager.round_gradients(batch)
+    for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    with pytest.raises(ValueError, match="`compile_clients`.*'fast'"):
+        lm.MAML(mlp(hidden=4), compile_clients="fast")

@@ -66,3 +66,21 @@ def test_indexing_collate_and_to_roundtrip():
     labels = TaskBatch(torch.randn(2, 3, 2), torch.tensor([[0, 1, 2], [2, 1, 0]]), torch.randn(2, 1, 2), torch.tensor([[1], [0]]))
     cast = labels.to(dtype=torch.float64)
     assert cast.support_x.dtype == torch.float64 and cast.support_y.dtype == torch.int64
+
+
+def test_to_copies_pinned_tensors_asynchronously(monkeypatch):
+    calls = []
+    original = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking"))
+        return original(self, *args, **kwargs)
+
+    batch = TaskBatch(torch.randn(2, 3, 1), torch.randn(2, 3, 1), torch.randn(2, 4, 1), torch.randn(2, 4, 1))
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)  # as after pin_memory() on a CUDA machine
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    moved = batch.to("cpu")
+    assert calls == [True] * 4 and torch.equal(moved.query_y, batch.query_y)
+    calls.clear()
+    batch.to("cpu", non_blocking=False)
+    assert calls == [False] * 4

@@ -1,5 +1,5 @@
 """20 % Byzantine clients on Synthetic(0.5, 0.5): a trimmed mean keeps post-adaptation accuracy
-within 2 pp of the clean run while the plain mean degrades (``benchmarks/robustness.py``)."""
+within 2 pp of the clean run (mean over 10 seeds) while the plain mean degrades (``benchmarks/robustness.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from robustness import run  # noqa: E402
 
-SEEDS = range(5)
+SEEDS = range(10)  # five seeds leave about ±1 pp of noise on a 2 pp margin
 
 
 def mean_accuracy(aggregator: str, fraction: float) -> float:
@@ -18,8 +18,8 @@ def mean_accuracy(aggregator: str, fraction: float) -> float:
 
 
 def test_trimmed_mean_and_median_hold_under_byzantine_clients_and_the_mean_does_not():
-    """Random uploads (100 × the update's RMS) from 20 % of clients, 80 rounds, 5 seeds. Measured:
-    clean 0.834; attacked trimmed mean 0.824, median 0.819, plain mean 0.674."""
+    """Random uploads (100 × the update's RMS) from 20 % of clients, 80 rounds, 10 seeds. Measured:
+    clean 0.832; attacked trimmed mean 0.819, median 0.815, plain mean 0.676."""
     clean = mean_accuracy("mean", 0.0)
     attacked_mean = mean_accuracy("mean", 0.2)
     attacked_trimmed = mean_accuracy("trimmed_mean(0.3)", 0.2)
