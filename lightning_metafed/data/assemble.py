@@ -8,14 +8,40 @@ import torch
 from torch import Tensor
 
 from lightning_metafed.data.draws import order, take_columns
+from lightning_metafed.data.population import ClientData, Population
 from lightning_metafed.data.sizes import Size
 from lightning_metafed.data.task_batch import TaskBatch
+from lightning_metafed.data.validation import ClientChecks
 
-__all__ = ["assemble", "eval_positions", "resolve_sizes"]
+__all__ = ["assemble", "eval_positions", "make_fetch", "resolve_sizes"]
 
 #: ``fetch(rows, index, valid) -> (x, y)``: examples ``index[i]`` of clients ``rows[i]`` as
 #: ``[m, k, ...]`` tensors; ``valid`` marks the real (non-padding) columns.
 Fetch = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def make_fetch(population: Population, checks: Callable[[], ClientChecks] | None) -> Fetch:
+    """How a batch reads ``population``: one batched gather (:meth:`Population.gather`), or client
+    by client (:meth:`Population.read`). With ``checks``, what is read is checked (a batched read
+    all at once, naming the client at fault)."""
+    if population.batched:
+
+        def fetch(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+            x, y = population.gather(rows, index)
+            if checks is not None:
+                checks().check_batch(x, y, valid, lambda k: population.name(int(rows[k])))
+            return x, y
+
+        return fetch
+
+    def fetch_each(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        read = [population.read(i, k) for i, k in zip(rows.tolist(), index)]
+        if checks is not None:
+            for i, data, ok in zip(rows.tolist(), read, valid):
+                checks().check(population.name(i), ClientData(data.x[ok], data.y[ok]))
+        return torch.stack([d.x for d in read]), torch.stack([d.y for d in read])
+
+    return fetch_each
 
 
 def resolve_sizes(value: Size, n: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from lightning_metafed.data.assemble import (
     Fetch,
     assemble,
     eval_positions,
+    make_fetch,
     resolve_sizes,
 )
 from lightning_metafed.data.draws import sample_clients, train_indices
@@ -318,26 +319,9 @@ class FederatedDataModule(pl.LightningDataModule):
         return S, Q
 
     def _fetch(self, population: Population) -> Fetch:
-        """How a batch reads ``population``: one batched gather, or client by client
-        (:meth:`Population.read`); what is read is checked unless :meth:`setup` checked every client."""
-        if population.batched:
-
-            def fetch(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-                x, y = population.gather(rows, index)
-                if id(population) not in self._checked:
-                    self._client_checks().check_batch(x, y, valid, lambda k: population.name(int(rows[k])))
-                return x, y
-
-            return fetch
-
-        def fetch_each(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-            read = [population.read(i, k) for i, k in zip(rows.tolist(), index)]
-            if id(population) not in self._checked:
-                for i, data, ok in zip(rows.tolist(), read, valid):
-                    self._client_checks().check(population.name(i), ClientData(data.x[ok], data.y[ok]))
-            return torch.stack([d.x for d in read]), torch.stack([d.y for d in read])
-
-        return fetch_each
+        """How a batch reads ``population``; what is read is checked unless :meth:`setup` checked
+        every client of it."""
+        return make_fetch(population, None if id(population) in self._checked else self._client_checks)
 
     def _train_batch(self, population: Population, rows: Tensor, round_idx: int) -> TaskBatch:
         n, end, ids = population.sizes(rows), population.support_ends(rows), population.global_ids(rows)

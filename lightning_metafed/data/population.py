@@ -108,7 +108,8 @@ class ListPopulation(Population):
         self.first_id = first_id
         self.num_clients = len(clients)
         #: The clients packed into one tensor (``None`` when they cannot be: then kept as given).
-        self.packed: Packed | None = pack_clients([c.x for c in clients], [c.y for c in clients], [c.support_end for c in clients])
+        fields = [[getattr(c, name, None) for c in clients] for name in ("x", "y", "support_end")]
+        self.packed: Packed | None = pack_clients(*fields)
         self.clients = None if self.packed is not None else clients
         self.batched = self.packed is not None
 

@@ -11,7 +11,13 @@ from torch import Tensor
 from lightning_metafed._validation import check_int, check_positive
 from lightning_metafed.data.datamodule import FederatedDataModule
 from lightning_metafed.data.population import ClientData, LazyPopulation, Population
-from lightning_metafed.data.seeding import POPULATION, extend, finish, hash_state, unit_tensor
+from lightning_metafed.data.seeding import (
+    POPULATION,
+    extend,
+    finish,
+    hash_state,
+    unit_tensor,
+)
 
 __all__ = ["SinusoidClients"]
 

@@ -13,18 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_raw import (
+    dataset_labels,
+    dataset_raw,
+    episodic_splits,
+    leaf_raw,
+    sinusoid_raw,
+    tensor_raw,
+)
 from reference_sampling import (
     RefBatch,
     Reference,
-    dataset_labels,
-    dataset_raw,
     differences,
-    episodic_splits,
-    leaf_raw,
     listed,
     local_splits,
-    sinusoid_raw,
-    tensor_raw,
     unseen_splits,
 )
 from torch.utils.data import Dataset, TensorDataset
