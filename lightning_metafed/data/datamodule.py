@@ -294,6 +294,11 @@ class FederatedDataModule(pl.LightningDataModule):
             if S + Q > n and n < 2:
                 raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
             return S, Q
+        if end < 1 or end >= n:
+            raise ValueError(
+                f"Client {name!r} has a fixed split with {end} support and {n - end} query examples; "
+                "a train client needs at least one of each"
+            )
         S, Q = resolve_size(self.support_size, end), resolve_size(self.query_size, n - end)
         if (S > end or Q > n - end) and not self.replacement:
             raise ValueError(
@@ -309,7 +314,8 @@ class FederatedDataModule(pl.LightningDataModule):
         S = torch.where(fixed, resolve_sizes(self.support_size, e), resolve_sizes(self.support_size, n))
         Q = torch.where(fixed, resolve_sizes(self.query_size, n - e), resolve_sizes(self.query_size, n))
         short = torch.where(fixed, (S > e) | (Q > n - e), S + Q > n)
-        bad = (n < 1) | (short & (not self.replacement)) | (short & ~fixed & (n < 2))
+        empty_part = fixed & ((end < 1) | (end >= n))
+        bad = (n < 1) | empty_part | (short & (not self.replacement)) | (short & ~fixed & (n < 2))
         if bool(bad.any()):
             k = int(bad.nonzero()[0])
             name = population.name(int(rows[k]))

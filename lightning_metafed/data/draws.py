@@ -133,7 +133,7 @@ def train_indices(state: Tensor, n: Tensor, end: Tensor, S: Tensor, Q: Tensor) -
     free = ~fixed & (S + Q <= n)
     small = ~fixed & ~free
     groups = [(g, g.nonzero().flatten()) for g in (fixed, free, small)]
-    for kind, (mask, rows) in enumerate(groups):
+    for kind, (_, rows) in enumerate(groups):
         if not rows.numel():
             continue
         h, n_r, e_r, S_r, Q_r = state[rows], n[rows], end[rows], S[rows], Q[rows]

@@ -157,3 +157,13 @@ def test_sinusoid_single_clients_equal_their_rows_of_a_batch():
     for row, k in enumerate(ids.tolist()):
         client = dm.make_client(k)
         assert torch.equal(x[row], client.x[index[row]]) and torch.equal(y[row], client.y[index[row]])
+
+
+@pytest.mark.parametrize("support,query", [(0, 4), (4, 0)])
+def test_a_fixed_split_with_an_empty_part_is_refused_even_with_replacement(support, query):
+    client = ((torch.randn(support, 2), torch.randn(support, 1)), (torch.randn(query, 2), torch.randn(query, 1)))
+    fine = ((torch.randn(3, 2), torch.randn(3, 1)), (torch.randn(3, 2), torch.randn(3, 1)))
+    dm = TensorClients([fine, client, fine], protocol="unseen", client_split=(1.0, 0.0, 0.0), clients_per_round=2,
+                       support_size=2, query_size=2, replacement=True)
+    with pytest.raises(ValueError, match=rf"Client '1' has a fixed split with {support} support and {query} query examples"):
+        dm.setup()
