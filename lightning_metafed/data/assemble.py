@@ -34,12 +34,20 @@ def make_fetch(population: Population, checks: Callable[[], ClientChecks] | None
 
         return fetch
 
+    def read(i: int, k: Tensor) -> ClientData:
+        try:
+            return population.read(i, k)
+        except (TypeError, IndexError, RuntimeError):
+            if checks is not None:  # a client that cannot be read: name what is wrong with it
+                checks().check(population.name(i), population.client(i))
+            raise
+
     def fetch_each(rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        read = [population.read(i, k) for i, k in zip(rows.tolist(), index)]
+        read_ = [read(i, k) for i, k in zip(rows.tolist(), index)]
         if checks is not None:
-            for i, data, ok in zip(rows.tolist(), read, valid):
+            for i, data, ok in zip(rows.tolist(), read_, valid):
                 checks().check(population.name(i), ClientData(data.x[ok], data.y[ok]))
-        return torch.stack([d.x for d in read]), torch.stack([d.y for d in read])
+        return torch.stack([d.x for d in read_]), torch.stack([d.y for d in read_])
 
     return fetch_each
 

@@ -167,3 +167,20 @@ def test_a_fixed_split_with_an_empty_part_is_refused_even_with_replacement(suppo
                        support_size=2, query_size=2, replacement=True)
     with pytest.raises(ValueError, match=rf"Client '1' has a fixed split with {support} support and {query} query examples"):
         dm.setup()
+
+
+def test_a_client_that_cannot_be_read_is_named_with_what_is_wrong():
+    from lightning_metafed.data import FederatedDataModule
+    from lightning_metafed.data.population import ClientData, LazyPopulation
+
+    class Broken(FederatedDataModule):
+        def build_population(self):
+            def make(k):
+                n_y = 3 if k == 4 else 8  # client 4's targets are shorter than its features
+                return ClientData(torch.randn(8, 2), torch.randn(n_y, 1))
+
+            return LazyPopulation(10, make, size=8)
+
+    dm = Broken(clients_per_round=10, support_size=3, query_size=3, client_split=(1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="Client '4': x has 8 examples but y has 3"):
+        dm.round_batch(0)
