@@ -62,6 +62,19 @@ def stacked(*rows) -> Tensor:
     return torch.tensor(rows, dtype=F64)
 
 
+def linear_problem(seed: int = 0, dim: int = 3, support: int = 4, query: int = 3):
+    """Least squares ``y = x·w + b`` in float64: ``(loss_fn, {"w": [dim], "b": []}, one ClientTask)``."""
+    torch.manual_seed(seed)
+
+    def loss_fn(p, x, y, mask):
+        return mse_loss(x @ p["w"] + p["b"], y, mask)
+
+    params = {"w": torch.randn(dim, dtype=F64), "b": torch.randn((), dtype=F64)}
+    x = torch.randn(support + query, dim, dtype=F64)
+    y = x @ torch.randn(dim, dtype=F64) + 0.5 + 0.1 * torch.randn(support + query, dtype=F64)
+    return loss_fn, params, ClientTask(x[:support], y[:support], x[support:], y[support:])
+
+
 def padded_task(task: ClientTask, seed: int) -> ClientTask:
     """``task`` (4 support and 4 query examples) with masked junk examples inserted: one in the
     support set (third position) and two after the query set, drawn from ``torch.manual_seed(seed)``."""

@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import platform
 import statistics
 import sys
@@ -34,6 +33,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tables import cell as _cell, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -211,19 +213,6 @@ def run_experiments(names: list[str], seeds: list[int], smoke: bool) -> dict[str
 # ------------------------------------------------------------------------------------------ tables
 
 
-def _cell(values: list[float | None], digits: int = 3) -> str:
-    """``mean ± std`` over seeds; ``None`` (target not reached) and non-finite (diverged) values are
-    left out of the statistics and counted instead."""
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    missing = sum(v is None for v in values)
-    diverged = sum(v is not None and not math.isfinite(v) for v in values)
-    notes = [f"{n} of {len(values)} {what}" for n, what in ((missing, "not reached"), (diverged, "diverged")) if n]
-    if not present:
-        return "not reached" if missing else "diverged"
-    text = f"{statistics.mean(present):.{digits}f} ± {statistics.pstdev(present):.{digits}f}"
-    return text + (f" ({', '.join(notes)})" if notes else "")
-
-
 def table_rows(experiment: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     """``(label, row, stage)``: a FedAvg row appears as FedAvg (``pre``) and FedAvg + FT (``post``)."""
     out = []
@@ -366,12 +355,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def update_readme(table: str, path: Path = README) -> None:
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{path} has no {START} ... {END} section to update")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{table}{END}{tail}")
+    replace_section(path, START, END, table)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -24,12 +24,16 @@ from lightning_metafed.functional.personalized import fedper_update
 __all__ = ["FedPer", "PersonalHeadModule"]
 
 
-def resolve_head(net: nn.Module, head_params: Sequence[str] | str | None, owner: str) -> list[str]:
+def resolve_head(
+    net: nn.Module, head_params: Sequence[str] | str | None, owner: str,
+    announce: str = "{owner} keeps the head parameters {names} on the clients",
+) -> list[str]:
     """The net parameter names of the head: those matching ``head_params`` (``None``: the last
-    parameterized submodule); the body (every other parameter) must not be empty."""
+    parameterized submodule, announced with the ``announce`` format); the body (every other
+    parameter) must not be empty."""
     if head_params is None:
         names = default_head(net)
-        rank_zero_info(f"{owner} keeps the head parameters {names} on the clients")
+        rank_zero_info(announce.format(owner=owner, names=names))
     else:
         names = resolve_adapt_names(net, head_params, "head_params") or []
     if len(names) == len(list(net.parameters())):

@@ -1,5 +1,5 @@
 """Pure-torch core: inner optimizers, adaptation, client-update rules (meta-learning in ``updates``,
-personalization with per-client state in ``personalized``) and aggregation (no Lightning)."""
+personalization with per-client state in ``personalized``, proximal rules in ``proximal``) and aggregation (no Lightning)."""
 
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import (
@@ -31,6 +31,13 @@ from lightning_metafed.functional.personalized import (
     scaffold_update,
     split_control,
 )
+from lightning_metafed.functional.proximal import (
+    fedbabu_update,
+    fedprox_update,
+    pfedme_personalize,
+    pfedme_update,
+    proximal_loss,
+)
 from lightning_metafed.functional.updates import (
     anil_update,
     fedavg_update,
@@ -57,7 +64,9 @@ __all__ = [
     "cross_entropy_loss",
     "ditto_update",
     "fedavg_update",
+    "fedbabu_update",
     "fedper_update",
+    "fedprox_update",
     "fedrep_update",
     "finite_clients",
     "hvp",
@@ -71,6 +80,9 @@ __all__ = [
     "norm_bounded_mean",
     "normalize_weights",
     "per_fedavg_update",
+    "pfedme_personalize",
+    "pfedme_update",
+    "proximal_loss",
     "reptile_update",
     "scaffold_server_control",
     "scaffold_update",

@@ -20,7 +20,7 @@ from lightning_metafed.functional.client_task import Params
 from lightning_metafed.functional.inner import LearningRate
 LossFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, "Tensor | None"], Tensor]
 
-__all__ = ["InnerStep", "adapt", "iterate_adaptation", "keep_after_budget", "select_params"]
+__all__ = ["InnerStep", "adapt", "iterate_adaptation", "keep_after_budget", "keep_where", "select_params"]
 
 
 class InnerStep(Protocol):
@@ -66,6 +66,17 @@ def keep_after_budget(num_steps: Tensor | int | None, k: int, stepped: Params, c
         return stepped if k < num_steps else current
     active = num_steps > k
     return {n: torch.where(active, stepped[n], current[n]) for n in stepped}
+
+
+def keep_where(active: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where the 0-d bool ``active`` holds, else ``old``, leaf by leaf through nested dicts
+    (parameters or an inner optimizer's state; a number such as Adam's step count becomes a float64
+    tensor)."""
+    if isinstance(new, Mapping):
+        return {k: keep_where(active, new[k], old[k]) for k in new}
+    if not isinstance(new, Tensor):  # float64, so that e.g. Adam's bias correction stays as exact as with an int
+        new = torch.as_tensor(new, device=active.device, dtype=torch.float64)
+    return torch.where(active, new, torch.as_tensor(old, device=active.device, dtype=new.dtype))
 
 
 def iterate_adaptation(

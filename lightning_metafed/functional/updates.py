@@ -23,6 +23,7 @@ from lightning_metafed.functional.adapt import (
     LossFn,
     iterate_adaptation,
     keep_after_budget,
+    keep_where,
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.inner import LearningRate
@@ -248,6 +249,7 @@ def fedavg_update(
     local_epochs: int = 1,
     batch_size: int | None = None,
     use_query: bool = True,
+    adapt_names: Sequence[str] | None = None,
 ) -> tuple[Params, Aux]:
     """FedAvg client update ``θ − θ_local`` (McMahan et al., 2017, "Communication-Efficient
     Learning of Deep Networks from Decentralized Data").
@@ -256,12 +258,16 @@ def fedavg_update(
     query) in consecutive mini-batches of ``batch_size`` (``None``: full batch), one inner-optimizer
     step each, the optimizer state carried across the local run. With server ``SGD(lr=1)`` and
     sample-count weights the server step is exactly FedAvg's weighted average of ``θ_local``.
+    ``adapt_names`` (default: all) are the entries trained; the others stay as received (their
+    upload entries are zero). A mini-batch holding only padding (mask 0) changes neither the
+    parameters nor the optimizer state, so a client's update does not depend on its padding.
     """
     x, y, mask = local_data(task, use_query)
     n = x.shape[0]
     b = n if batch_size is None else min(batch_size, n)
     theta = detached_params(params)
-    local = dict(theta)
+    frozen = {} if adapt_names is None else {k: v for k, v in theta.items() if k not in set(adapt_names)}
+    local = {k: v for k, v in theta.items() if k not in frozen}
     state = optimizer.init(local)
     first_loss = None
     k = 0  # local optimizer steps so far (``task.num_steps`` caps them)
@@ -269,16 +275,20 @@ def fedavg_update(
         for start in range(0, n, b):
             sl = slice(start, start + b)
             grads, loss = torch.func.grad_and_value(
-                lambda p: loss_fn(p, x[sl], y[sl], None if mask is None else mask[sl])
+                lambda p: loss_fn({**frozen, **p}, x[sl], y[sl], None if mask is None else mask[sl])
             )(local)
             if first_loss is None:
                 first_loss = loss
-            stepped, state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
-            local = keep_after_budget(task.num_steps, k, detached_params(stepped), local)
+            stepped, stepped_state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
+            stepped = detached_params(stepped)
+            if mask is not None:  # a mini-batch of padding only (a client with fewer examples) is no step
+                has_data = mask[sl].sum() > 0
+                stepped, stepped_state = keep_where(has_data, stepped, local), keep_where(has_data, stepped_state, state)
+            local, state = keep_after_budget(task.num_steps, k, stepped, local), stepped_state
             k += 1
     if first_loss is None:
         first_loss = loss_fn(theta, x, y, mask)
-    return params_difference(theta, local), {"support_loss": first_loss.detach()}
+    return params_difference(theta, {**frozen, **local}), {"support_loss": first_loss.detach()}
 
 
 def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:

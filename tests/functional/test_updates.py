@@ -6,7 +6,17 @@ from __future__ import annotations
 import higher
 import pytest
 import torch
-from conftest import F64, autograd_grad, client_task, finite_difference_grad, mlp_problem, padded_task, plain_mse, stack_results
+from conftest import (
+    F64,
+    autograd_grad,
+    client_task,
+    finite_difference_grad,
+    linear_problem,
+    mlp_problem,
+    padded_task,
+    plain_mse,
+    stack_results,
+)
 
 from lightning_metafed.functional import (
     ClientTask,
@@ -16,7 +26,6 @@ from lightning_metafed.functional import (
     maml_objective,
     maml_update,
     meta_sgd_update,
-    mse_loss,
     per_fedavg_update,
     reptile_update,
     weighted_mean,
@@ -52,20 +61,6 @@ def _flattened(params):
         return {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}
 
     return torch.cat([params[k].reshape(-1) for k in names]), unflatten
-
-
-def _linear_problem(seed: int = 0, dim: int = 3, support: int = 4, query: int = 3):
-    """Linear regression ``y = x·w + b`` with params ``{"w": [dim], "b": []}``."""
-    torch.manual_seed(seed)
-
-    def loss_fn(p, x, y, mask):
-        return mse_loss(x @ p["w"] + p["b"], y, mask)
-
-    params = {"w": torch.randn(dim, dtype=F64), "b": torch.randn((), dtype=F64)}
-    x = torch.randn(support + query, dim, dtype=F64)
-    y = x @ torch.randn(dim, dtype=F64) + 0.5 + 0.1 * torch.randn(support + query, dtype=F64)
-    task = ClientTask(x[:support], y[:support], x[support:], y[support:])
-    return loss_fn, params, task
 
 
 def _linear_grad(p, x, y):
@@ -372,7 +367,7 @@ def test_per_fedavg_hf_differs_from_fo():
 @pytest.mark.parametrize("use_query", [False, True])
 @pytest.mark.parametrize("momentum", [0.0, 0.6])
 def test_reptile_linear_model_equals_hand_loop(use_query, momentum):
-    loss_fn, params, task = _linear_problem(seed=18)
+    loss_fn, params, task = linear_problem(seed=18)
     lr, steps = 0.1, 3
     update, aux = reptile_update(
         loss_fn, params, task, optimizer=SGD(lr=lr, momentum=momentum), inner_steps=steps, use_query=use_query
@@ -393,14 +388,14 @@ def test_reptile_linear_model_equals_hand_loop(use_query, momentum):
 
 
 def test_reptile_use_query_changes_the_update():
-    loss_fn, params, task = _linear_problem(seed=19)
+    loss_fn, params, task = linear_problem(seed=19)
     a, _ = reptile_update(loss_fn, params, task, optimizer=SGD(lr=0.1), inner_steps=2, use_query=False)
     b, _ = reptile_update(loss_fn, params, task, optimizer=SGD(lr=0.1), inner_steps=2, use_query=True)
     assert not torch.allclose(a["w"], b["w"])
 
 
 def test_reptile_masked_padding_does_not_change_update():
-    loss_fn, params, task = _linear_problem(seed=20)
+    loss_fn, params, task = linear_problem(seed=20)
     torch.manual_seed(200)
     junk_x = torch.randn(2, 3, dtype=F64) * 5
     junk_y = torch.randn(2, dtype=F64) * 5
@@ -426,7 +421,7 @@ def test_reptile_masked_padding_does_not_change_update():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_fedavg_linear_model_equals_torch_sgd_loop(momentum):
-    loss_fn, params, task = _linear_problem(seed=21, support=4, query=3)
+    loss_fn, params, task = linear_problem(seed=21, support=4, query=3)
     lr = 0.05
     update, aux = fedavg_update(
         loss_fn, params, task, optimizer=SGD(lr=lr, momentum=momentum), local_epochs=2, batch_size=3, use_query=True
@@ -450,7 +445,7 @@ def test_fedavg_linear_model_equals_torch_sgd_loop(momentum):
 
 
 def test_fedavg_full_batch_support_only():
-    loss_fn, params, task = _linear_problem(seed=22)
+    loss_fn, params, task = linear_problem(seed=22)
     lr = 0.1
     update, _ = fedavg_update(loss_fn, params, task, optimizer=SGD(lr=lr), local_epochs=3, use_query=False)
     theta = dict(params)
