@@ -92,6 +92,19 @@ ALGORITHMS: list[Algorithm] = [
 ]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training run: a row (benchmark, algorithm) with one seed, extra CLI arguments, and whether
+    to test it (tuning does not look at test data)."""
+
+    benchmark: str
+    algorithm: str
+    seed: int
+    smoke: bool = False
+    extra: tuple[str, ...] = ()
+    test: bool = True
+
+
 def applies(algorithm: Algorithm, benchmark: Benchmark) -> bool:
     return not (algorithm.needs_body and benchmark.one_layer)
 
@@ -127,55 +140,54 @@ def _quiet_arguments(scratch: str, smoke: bool) -> list[str]:
     return args
 
 
-def _fit_and_test(cli: Any, algorithm: Algorithm) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
+def _fit_and_test(cli: Any, algorithm: Algorithm, test: bool) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
     """Fit seconds, the last validation metrics and the test metrics (``""``; ``"finetune"`` as well
-    for an algorithm with a fine-tuning row)."""
+    for an algorithm with a fine-tuning row; none without ``test``)."""
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
     validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    tests = {"": cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]}
-    if algorithm.finetune_label:  # the same trained model, personalized by plain fine-tuning
+    tests = {"": cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]} if test else {}
+    if test and algorithm.finetune_label:  # the same trained model, personalized by plain fine-tuning
         cli.model.personalization = "finetune"
         tests["finetune"] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     return seconds, validation, {name: {k: float(v) for k, v in t.items()} for name, t in tests.items()}
 
 
-def run_row(job: tuple[str, str, int, bool, list[str]]) -> dict[str, Any]:
+def run_row(job: Job) -> dict[str, Any]:
     """Fit and test one row with one seed (in a worker process): test metrics, MB and ms per round.
     A row whose training diverges (every upload non-finite, or the server step) is recorded with NaN
     metrics and the error, and shows as "diverged" in the tables."""
-    bench_name, algo_config, seed, smoke, extra = job
     from lightning_metafed import NonFiniteRoundError
     from lightning_metafed.cli import build_cli
 
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    algorithm, metric = next(a for a in ALGORITHMS if a.config == algo_config), BENCHMARKS[bench_name].metric
+    algorithm, metric = next(a for a in ALGORITHMS if a.config == job.algorithm), BENCHMARKS[job.benchmark].metric
     error = None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory() as scratch:
         warnings.simplefilter("ignore")
-        args = [*fit_arguments(algorithm, BENCHMARKS[bench_name], seed), *_quiet_arguments(scratch, smoke), *extra]
+        args = [*fit_arguments(algorithm, BENCHMARKS[job.benchmark], job.seed), *_quiet_arguments(scratch, job.smoke), *job.extra]
         args = [str(ROOT / a) if flag == "--config" else a for flag, a in zip(["", *args], args)]  # from any directory
         cli = build_cli(args, run=False)
         try:
-            seconds, validation, tests = _fit_and_test(cli, algorithm)
+            seconds, validation, tests = _fit_and_test(cli, algorithm, job.test)
         except NonFiniteRoundError as caught:
             error, seconds, validation = str(caught), math.nan, {}
             nan = {f"test/{metric}_{stage}": math.nan for stage in ("pre", "post", "post_worst10")}
-            tests = {name: dict(nan) for name in ("", "finetune")[: 1 + bool(algorithm.finetune_label)]}
+            tests = {name: dict(nan) for name in ("", "finetune")[: 1 + bool(algorithm.finetune_label)]} if job.test else {}
     comm, rounds = cli.model.communication, max(cli.trainer.global_step, 1)
     return {
-        "benchmark": bench_name, "algorithm": algo_config, "seed": seed, "rounds": cli.trainer.global_step,
+        "benchmark": job.benchmark, "algorithm": job.algorithm, "seed": job.seed, "rounds": cli.trainer.global_step,
         "ms_per_round": 1000 * seconds / rounds, "mb_per_round": (comm["download_bytes"] + comm["upload_bytes"]) / 1e6 / rounds,
         "error": error, "validation": validation, "tests": tests,
     }
 
 
-def jobs_for(benchmarks: list[str], seeds: list[int], smoke: bool, extra: list[str] = ()) -> list[tuple]:
+def jobs_for(benchmarks: list[str], seeds: list[int], smoke: bool, extra: tuple[str, ...] = ()) -> list[Job]:
     """``run_row``'s jobs: every applicable (benchmark, algorithm, seed), benchmark by benchmark."""
     return [
-        (name, algorithm.config, seed, smoke, list(extra))
+        Job(name, algorithm.config, seed, smoke, tuple(extra))
         for name in benchmarks
         for algorithm in ALGORITHMS
         if applies(algorithm, BENCHMARKS[name])
@@ -183,7 +195,7 @@ def jobs_for(benchmarks: list[str], seeds: list[int], smoke: bool, extra: list[s
     ]
 
 
-def run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+def run_jobs(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     """Every job, in order; ``workers`` processes (one torch thread each) or in this process."""
     if workers <= 1:
         return [run_row(job) for job in jobs]
@@ -194,7 +206,7 @@ def run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
 def run_leaderboard(benchmarks: list[str], seeds: list[int], smoke: bool, workers: int) -> dict[str, Any]:
     start = time.perf_counter()
     # No validation during training: ms per round is the rounds alone (tune.py validates).
-    runs = run_jobs(jobs_for(benchmarks, seeds, smoke, ["--trainer.limit_val_batches=0"]), workers)
+    runs = run_jobs(jobs_for(benchmarks, seeds, smoke, ("--trainer.limit_val_batches=0",)), workers)
     return {
         "machine": f"{platform.machine()}, {workers} worker process(es) of 1 torch thread, Python "
         f"{platform.python_version()}, torch {torch.__version__}",
@@ -220,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.commands:
         for job in jobs_for(args.only, args.seeds[:1], False):
-            algorithm = next(a for a in ALGORITHMS if a.config == job[1])
-            print("metafed fit " + " ".join(f"'{a}'" if " " in a else a for a in fit_arguments(algorithm, BENCHMARKS[job[0]], job[2])))
+            algorithm = next(a for a in ALGORITHMS if a.config == job.algorithm)
+            arguments = fit_arguments(algorithm, BENCHMARKS[job.benchmark], job.seed)
+            print("metafed fit " + " ".join(f"'{a}'" if " " in a else a for a in arguments))
         return {}
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())

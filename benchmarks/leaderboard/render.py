@@ -84,8 +84,8 @@ def _ms(values: list[float]) -> str:
 
 
 def header(results: dict[str, Any]) -> str:
-    return (f"Measured {results['date']} on {results['machine']}, 2-core CPU; mean ± std over {len(results['seeds'])} "
-            f"seeds {results['seeds']}; the whole run took {results['minutes']:.1f} minutes. Regenerate with "
+    return (f"Measured {results['date']} on {results['machine']}, 2-core CPU; mean ± std (population) over "
+            f"{len(results['seeds'])} seeds {results['seeds']}; the whole run took {results['minutes']:.1f} minutes. Regenerate with "
             "`python benchmarks/leaderboard/leaderboard.py --update-readme`.\n")
 
 

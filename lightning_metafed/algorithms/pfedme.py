@@ -15,6 +15,13 @@ from lightning_metafed.functional.proximal import pfedme_update, proximal_loss
 
 __all__ = ["PFedMe"]
 
+PERSONALIZATIONS = ("moreau", "finetune")
+
+
+def _check_personalization(value: Any) -> None:
+    if value not in PERSONALIZATIONS:
+        raise ValueError(f"Expected `personalization` to be one of {PERSONALIZATIONS}, got {value!r}")
+
 
 class PFedMe(MetaFedModule):
     """pFedMe (Dinh et al., 2020, "Personalized Federated Learning with Moreau Envelopes").
@@ -68,8 +75,7 @@ class PFedMe(MetaFedModule):
         check_int("local_steps", local_steps, minimum=1)
         if local_batch_size is not None:
             check_int("local_batch_size", local_batch_size, minimum=1)
-        if personalization not in ("moreau", "finetune"):
-            raise ValueError(f"Expected `personalization` to be 'moreau' or 'finetune', got {personalization!r}")
+        _check_personalization(personalization)
         self.lam = check_positive("lam", lam)
         self.lr = check_positive("lr", lr)
         self.server_beta = check_positive("server_beta", server_beta)
@@ -78,6 +84,18 @@ class PFedMe(MetaFedModule):
         self.local_batch_size = local_batch_size
         self.use_query = bool(use_query)
         self.personalization = personalization
+
+    @property
+    def personalization(self) -> str:
+        """How evaluation personalizes (``"moreau"`` or ``"finetune"``); settable after construction
+        (e.g. to test one trained model both ways), recorded in ``hparams`` and so in checkpoints."""
+        return self._personalization
+
+    @personalization.setter
+    def personalization(self, value: str) -> None:
+        _check_personalization(value)
+        self._personalization = value
+        self.hparams["personalization"] = value
 
     def local_step_bound(self) -> tuple[str, int] | None:
         return "local_steps", self.local_steps
@@ -108,6 +126,6 @@ class PFedMe(MetaFedModule):
         for params, _ in iterate_adaptation(
             proximal_loss(self.functional_loss, w, self.lam), w, task.support_x, task.support_y,
             optimizer=self.inner_optimizer, steps=self.eval_inner_steps if steps is None else steps,
-            mask=task.support_mask, first_order=True,
+            mask=task.support_mask, first_order=True, **self.adaptation_kwargs(meta),
         ):
             yield params

@@ -74,8 +74,8 @@ def keep_where(active: Tensor, new: Any, old: Any) -> Any:
     tensor)."""
     if isinstance(new, Mapping):
         return {k: keep_where(active, new[k], old[k]) for k in new}
-    if not isinstance(new, Tensor):  # float64, so that e.g. Adam's bias correction stays as exact as with an int
-        new = torch.as_tensor(new, device=active.device, dtype=torch.float64)
+    if not isinstance(new, Tensor):  # float64 (where the device has it): Adam's bias correction stays as exact as with an int
+        new = torch.as_tensor(new, device=active.device, dtype=torch.float32 if active.device.type == "mps" else torch.float64)
     return torch.where(active, new, torch.as_tensor(old, device=active.device, dtype=new.dtype))
 
 

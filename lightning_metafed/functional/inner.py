@@ -117,8 +117,11 @@ def adam_step(
             g = g + weight_decay * p
         m = beta1 * state["exp_avg"][name] + (1.0 - beta1) * g
         v = beta2 * state["exp_avg_sq"][name] + (1.0 - beta2) * g * g
-        denom = _safe_sqrt(v) / bias_correction2_sqrt + eps
-        new_params[name] = p - (lr_for(lr, name) / bias_correction1) * m / denom
+        step_size, bc2 = lr_for(lr, name) / bias_correction1, bias_correction2_sqrt
+        if isinstance(bc2, Tensor):  # a step count kept as a (float64) tensor: cast as a Python number would be,
+            step_size, bc2 = step_size.to(p.dtype), bc2.to(p.dtype)  # so that a 0-d parameter is not promoted
+        denom = _safe_sqrt(v) / bc2 + eps
+        new_params[name] = p - step_size * m / denom
         exp_avg[name] = m
         exp_avg_sq[name] = v
     return new_params, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

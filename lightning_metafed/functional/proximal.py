@@ -170,10 +170,12 @@ def pfedme_update(
     paper's ``θ ← (1 − β) θ + β · mean_i w_{R,i}``. ``aux["query_loss"]`` is the query loss of the
     last personalized model ``θ_{R−1}``.
     """
-    if not lam > 0 or not lr > 0 or not beta > 0:
-        raise ValueError(f"Expected `lam`, `lr` and `beta` > 0, got lam={lam!r}, lr={lr!r}, beta={beta!r}")
-    if local_steps < 1:
-        raise ValueError(f"Expected `local_steps` >= 1, got {local_steps!r}")
+    for name, value in (("lam", lam), ("lr", lr), ("beta", beta)):
+        if not value > 0:
+            raise ValueError(f"Expected `{name}` > 0, got {value!r}")
+    for name, value, least in (("local_steps", local_steps, 1), ("personal_steps", personal_steps, 0), ("batch_size", 1 if batch_size is None else batch_size, 1)):
+        if value < least:
+            raise ValueError(f"Expected `{name}` >= {least}, got {value!r}")
     theta = detached_params(params)
     x, y, mask = local_data(task, use_query)
     b = x.shape[0] if batch_size is None else min(batch_size, x.shape[0])

@@ -259,18 +259,22 @@ def fedavg_update(
     step each, the optimizer state carried across the local run. With server ``SGD(lr=1)`` and
     sample-count weights the server step is exactly FedAvg's weighted average of ``θ_local``.
     ``adapt_names`` (default: all) are the entries trained; the others stay as received (their
-    upload entries are zero). A mini-batch holding only padding (mask 0) changes neither the
-    parameters nor the optimizer state, so a client's update does not depend on its padding.
+    upload entries are zero). A mini-batch holding only padding (mask 0; padding sorts last) changes
+    neither the parameters, the optimizer state nor the step count, so a client's update does not
+    depend on its padding.
     """
     x, y, mask = local_data(task, use_query)
     n = x.shape[0]
     b = n if batch_size is None else min(batch_size, n)
     theta = detached_params(params)
-    frozen = {} if adapt_names is None else {k: v for k, v in theta.items() if k not in set(adapt_names)}
-    local = {k: v for k, v in theta.items() if k not in frozen}
+    trained = set(theta) if adapt_names is None else set(adapt_names)
+    if not trained <= set(theta):
+        raise ValueError(f"Expected `adapt_names` to name parameters among {sorted(theta)}, got {sorted(trained - set(theta))!r}")
+    frozen = {k: v for k, v in theta.items() if k not in trained}
+    local = {k: v for k, v in theta.items() if k in trained}
     state = optimizer.init(local)
     first_loss = None
-    k = 0  # local optimizer steps so far (``task.num_steps`` caps them)
+    k = done = 0  # local optimizer steps so far, and (with a mask) those on real data; ``task.num_steps`` caps them
     for _ in range(local_epochs):
         for start in range(0, n, b):
             sl = slice(start, start + b)
@@ -280,15 +284,25 @@ def fedavg_update(
             if first_loss is None:
                 first_loss = loss
             stepped, stepped_state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
-            stepped = detached_params(stepped)
-            if mask is not None:  # a mini-batch of padding only (a client with fewer examples) is no step
-                has_data = mask[sl].sum() > 0
-                stepped, stepped_state = keep_where(has_data, stepped, local), keep_where(has_data, stepped_state, state)
-            local, state = keep_after_budget(task.num_steps, k, stepped, local), stepped_state
+            if mask is None:  # past the budget the state still advances, unused: the parameters stay
+                local, state = keep_after_budget(task.num_steps, k, detached_params(stepped), local), stepped_state
+            else:  # a mini-batch of padding only is no step and does not count against the budget
+                active = _real_step(mask[sl], task.num_steps, done)
+                local, state = keep_where(active, detached_params(stepped), local), keep_where(active, stepped_state, state)
+                done = done + active.long()
             k += 1
     if first_loss is None:
         first_loss = loss_fn(theta, x, y, mask)
     return params_difference(theta, {**frozen, **local}), {"support_loss": first_loss.detach()}
+
+
+def _real_step(batch_mask: Tensor, num_steps: Tensor | int | None, done: Tensor | int) -> Tensor:
+    """Whether a masked mini-batch is a local step: it holds a real example and the client's step
+    budget (``num_steps``, or none) exceeds the ``done`` real steps so far."""
+    active = batch_mask.sum() > 0
+    if num_steps is None:
+        return active
+    return active & (torch.as_tensor(num_steps, device=active.device) > done)
 
 
 def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:

@@ -85,7 +85,7 @@ def hand_round(name, net, params, batch):
         (lambda: PFedMe(mlp(), local_steps=0), r"`local_steps` to be an integer >= 1, got 0"),
         (lambda: PFedMe(mlp(), inner_steps=0), r"`inner_steps` to be an integer >= 1, got 0"),
         (lambda: PFedMe(mlp(), local_batch_size=0), r"`local_batch_size` to be an integer >= 1, got 0"),
-        (lambda: PFedMe(mlp(), personalization="prox"), r"`personalization` to be 'moreau' or 'finetune', got 'prox'"),
+        (lambda: PFedMe(mlp(), personalization="prox"), r"`personalization` to be one of \('moreau', 'finetune'\), got 'prox'"),
         (lambda: FedProx(mlp(), mu=-0.5), r"`mu` to be a finite number >= 0, got -0.5"),
         (lambda: FedProx(mlp(), mu=float("nan")), r"`mu` to be a finite number >= 0, got nan"),
         (lambda: FedBABU(mlp(), head_params="*"), r"`head_params` to leave at least one parameter in the shared body"),
@@ -104,6 +104,16 @@ def test_defaults_and_bounds():
     model = make("pfedme")
     assert model.local_step_bound() == ("local_steps", 3)
     assert model.eval_inner_steps == 2 and model.personalization == "moreau"  # K personalization steps at evaluation
+
+
+def test_personalization_set_later_is_checked_and_recorded(tmp_path):
+    model = make("pfedme")
+    with pytest.raises(ValueError, match=r"`personalization` to be one of .*got 'fine-tune'"):
+        model.personalization = "fine-tune"
+    model.personalization = "finetune"
+    assert model.hparams["personalization"] == "finetune"  # what a checkpoint records
+    torch.save({"hparams": dict(model.hparams)}, tmp_path / "h.pt")
+    assert torch.load(tmp_path / "h.pt", weights_only=False)["hparams"]["personalization"] == "finetune"
 
 
 # ---------------------------------------------------------------------------------------- a round

@@ -23,6 +23,7 @@ from lightning_metafed.functional import (
     fedavg_update,
     fedbabu_update,
     fedprox_update,
+    mse_loss,
     pfedme_personalize,
     pfedme_update,
     proximal_loss,
@@ -251,11 +252,13 @@ def test_pfedme_step_budget_stops_the_local_rounds(budget):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"lam": 0.0}, r"`lam`, `lr` and `beta` > 0, got lam=0.0"),
-        ({"lam": -1.0}, r"lam=-1.0"),
-        ({"lr": 0.0}, r"lr=0.0"),
-        ({"beta": -0.5}, r"beta=-0.5"),
+        ({"lam": 0.0}, r"^Expected `lam` > 0, got 0.0$"),
+        ({"lam": -1.0}, r"^Expected `lam` > 0, got -1.0$"),
+        ({"lr": 0.0}, r"^Expected `lr` > 0, got 0.0$"),
+        ({"beta": -0.5}, r"^Expected `beta` > 0, got -0.5$"),
         ({"local_steps": 0}, r"`local_steps` >= 1, got 0"),
+        ({"personal_steps": -1}, r"`personal_steps` >= 0, got -1"),
+        ({"batch_size": 0}, r"`batch_size` >= 1, got 0"),
     ],
 )
 def test_pfedme_rejects_invalid_arguments(overrides, match):
@@ -321,3 +324,38 @@ def test_a_mini_batch_of_padding_only_changes_nothing(rule):
     _, loss_fn, params, task = mlp_problem(seed=13, support=4, query=4)
     padded = padded_task(task, 130)  # 8 real rows first, then 3 junk rows: with batch_size 4 the last batch is junk
     torch.testing.assert_close(rules[rule](loss_fn, params, padded), rules[rule](loss_fn, params, task))
+
+
+@pytest.mark.parametrize("budget", [3, torch.tensor(3), 0])
+def test_a_step_budget_counts_real_steps_only(budget):
+    """Padding-only mini-batches do not use up a client's step budget."""
+    _, loss_fn, params, task = mlp_problem(seed=14, support=4, query=4)
+    padded = padded_task(task, 131)
+    run = lambda t: fedavg_update(loss_fn, params, t, optimizer=SGD(lr=0.1, momentum=0.9), local_epochs=2, batch_size=4)  # noqa: E731
+    torch.testing.assert_close(run(padded._replace(num_steps=budget)), run(task._replace(num_steps=budget)))
+    if budget == 0:
+        assert all(float(v.abs().max()) == 0.0 for v in run(padded._replace(num_steps=budget))[0].values())
+
+
+def test_an_all_ones_mask_changes_nothing_in_float32_with_a_scalar_parameter():
+    """With a mask, Adam's step count is kept per client as a tensor; the update must stay bit-identical
+    (and in the parameters' dtype, a 0-d parameter included) to the unmasked one."""
+    torch.manual_seed(3)
+    params = {"w": torch.randn(3), "b": torch.randn(())}
+    x, y = torch.randn(12, 3), torch.randn(12)
+    task = ClientTask(x[:6], y[:6], x[6:], y[6:])
+    ones = task._replace(support_mask=torch.ones(6), query_mask=torch.ones(6))
+
+    def loss_fn(p, x, y, mask):
+        return mse_loss(x @ p["w"] + p["b"], y, mask)
+
+    plain, _ = fedavg_update(loss_fn, params, task, optimizer=Adam(lr=0.05), local_epochs=2, batch_size=4)
+    masked, _ = fedavg_update(loss_fn, params, ones, optimizer=Adam(lr=0.05), local_epochs=2, batch_size=4)
+    for name in params:
+        assert masked[name].dtype == torch.float32 and torch.equal(masked[name], plain[name]), name
+
+
+def test_adapt_names_must_name_parameters():
+    loss_fn, params, task = linear_problem(seed=4)
+    with pytest.raises(ValueError, match=r"`adapt_names`.*\['nope'\]"):
+        fedavg_update(loss_fn, params, task, optimizer=SGD(lr=0.1), adapt_names=["w", "nope"])
