@@ -173,8 +173,9 @@ def pfedme_update(
     for name, value in (("lam", lam), ("lr", lr), ("beta", beta)):
         if not value > 0:
             raise ValueError(f"Expected `{name}` > 0, got {value!r}")
-    for name, value, least in (("local_steps", local_steps, 1), ("personal_steps", personal_steps, 0), ("batch_size", 1 if batch_size is None else batch_size, 1)):
-        if value < least:
+    counts = (("local_steps", local_steps, 1), ("personal_steps", personal_steps, 0), ("batch_size", batch_size, 1))
+    for name, value, least in counts:
+        if value is not None and value < least:
             raise ValueError(f"Expected `{name}` >= {least}, got {value!r}")
     theta = detached_params(params)
     x, y, mask = local_data(task, use_query)
