@@ -29,6 +29,7 @@ from lightning_metafed.functional.adapt import (
     keep_after_budget,
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
+from lightning_metafed.functional.proximal import proximal_loss
 from lightning_metafed.functional.updates import detached_params, params_difference, local_data
 
 __all__ = [
@@ -178,12 +179,8 @@ def ditto_update(
     data = local_data(task, use_query)
     local, first = _train(loss_fn, theta, data, optimizer=optimizer, steps=inner_steps, num_steps=task.num_steps)
 
-    def regularized(p: Mapping[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-        proximal = sum(((p[k] - theta[k]) ** 2).sum() for k in theta)
-        return loss_fn(p, x, y, mask) + 0.5 * lam * proximal
-
     personal_optimizer = optimizer if personal_optimizer is None else personal_optimizer
-    v, personal_loss = _train(regularized, {k: personal[k] for k in theta}, data, optimizer=personal_optimizer,
+    v, personal_loss = _train(proximal_loss(loss_fn, theta, lam), {k: personal[k] for k in theta}, data, optimizer=personal_optimizer,
                               steps=personal_steps, num_steps=task.num_steps)
     aux = {"support_loss": first, "personal_loss": personal_loss, "query_loss": _query_loss(loss_fn, v, task)}
     return params_difference(theta, local), aux, v

@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_metafed.functional.adapt import (
     InnerStep,
     LossFn,
-    iterate_adaptation,
+    adapt,
     keep_after_budget,
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
@@ -119,12 +119,8 @@ def pfedme_personalize(
     """pFedMe's personalized model: ``steps`` (K) steps of ``optimizer`` from ``start`` on
     ``f(θ; D) + λ/2 ‖θ − w‖²`` with ``w = anchor``: an approximate ``θ̂(w) = prox_{f/λ}(w)``. With
     ``SGD(lr=p)`` each step is the paper's ``θ ← θ − p (∇f(θ; D) + λ (θ − w))``. Detached."""
-    final: Params = dict(start)
-    for final, _ in iterate_adaptation(
-        proximal_loss(loss_fn, anchor, lam), detached_params(start), x, y, optimizer=optimizer, steps=steps, mask=mask,
-        first_order=True,
-    ):
-        pass
+    regularized = proximal_loss(loss_fn, anchor, lam)
+    final = adapt(regularized, detached_params(start), x, y, optimizer=optimizer, steps=steps, mask=mask, first_order=True)
     return detached_params(final)
 
 
