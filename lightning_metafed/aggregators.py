@@ -20,6 +20,17 @@ Robust aggregators bound what a minority of bad clients can do to a round:
   via Bucketing"): the robust rule sees less client-to-client variance, which is what makes plain
   coordinate-wise rules lose accuracy on heterogeneous (non-IID) clients.
 
+Rules that look at whole updates and their distances to each other, built for Byzantine clients:
+
+- :class:`Krum` / :class:`MultiKrum`: keep the update(s) closest to their ``m − f − 2`` nearest
+  neighbours (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+  Gradient Descent").
+- :class:`Bulyan`: Krum selection of ``m − 2f`` updates, then a coordinate-wise trimmed average
+  around the median (El Mhamdi, Guerraoui & Rouault, 2018).
+- :class:`CenteredClip`: iterated clipping of every update around a center (Karimireddy, He & Jaggi,
+  2021); with :class:`Bucketing` it is the rule of Karimireddy, He & Jaggi (2022) for
+  heterogeneous clients.
+
 The math of every rule is a pure function in :mod:`lightning_metafed.functional.aggregate`; these
 classes are the configurable (LightningCLI / checkpoint) wrappers around it. The module rejects
 non-finite uploads before any aggregator sees them.
@@ -31,9 +42,9 @@ size, in one sentence naming the argument and a value that would make the rule a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import math
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,9 +57,13 @@ from lightning_metafed._validation import (
 )
 from lightning_metafed.functional.aggregate import (
     bucket_means,
+    bulyan,
+    centered_clip,
     clip_to_norm,
     coordinate_median,
     finite_clients,
+    krum,
+    multi_krum,
     norm_bounded_mean,
     trim_count,
     trimmed_mean,
@@ -58,6 +73,7 @@ from lightning_metafed.functional.aggregate import (
 
 __all__ = [
     "Aggregator", "Mean", "CoordinateMedian", "TrimmedMean", "NormBoundedMean", "Bucketing",
+    "Krum", "MultiKrum", "Bulyan", "CenteredClip",
     "update_norms", "clip_to_norm", "finite_clients",
 ]
 
@@ -74,7 +90,9 @@ class Aggregator(ConfigObject):
         raise NotImplementedError
 
     def degenerate_reason(self, round_size: int) -> str | None:
-        """Why this rule reduces to a plain mean in rounds of ``round_size`` clients, or ``None``.
+        """Why this rule reduces to a plain mean in rounds of ``round_size`` clients (or, for the
+        rules that assume ``num_byzantine`` bad clients, why such rounds are too small for their
+        guarantee), or ``None``.
 
         The reason is one sentence naming the argument, its value, the round size and a value that
         would make the rule act. The default (for :class:`Mean`, :class:`NormBoundedMean` and custom
@@ -222,6 +240,91 @@ class Bucketing(Aggregator):
         )
 
 
+class Krum(Aggregator):
+    """The single client update with the lowest Krum score, its summed squared distance to its
+    ``m − f − 2`` nearest other updates (:func:`~lightning_metafed.functional.aggregate.krum`).
+
+    Args:
+        num_byzantine: ``f``, the Byzantine clients a round is assumed to hold (the paper needs
+            ``m >= 2f + 3``).
+    """
+
+    #: Rounds of fewer than ``factor · f + 3`` clients do not meet the rule's bound.
+    factor = 2
+
+    def __init__(self, num_byzantine: int = 1) -> None:
+        self.num_byzantine = check_int("num_byzantine", num_byzantine, minimum=0)
+
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return krum(updates, self.num_byzantine)
+
+    def degenerate_reason(self, round_size: int) -> str | None:
+        """A reason when ``round_size < factor·f + 3``: too few clients for the rule's guarantee."""
+        m = check_int("round_size", round_size, minimum=1)
+        need = self.factor * self.num_byzantine + 3
+        if m >= need:
+            return None
+        return (
+            f"{self!r} needs at least {self.factor}·num_byzantine + 3 = {need} clients per round to tolerate "
+            f"{self.num_byzantine} Byzantine client(s), got rounds of {m}: use a smaller num_byzantine or more clients per round"
+        )
+
+
+class MultiKrum(Krum):
+    """Mean of the ``keep`` client updates with the lowest Krum scores
+    (:func:`~lightning_metafed.functional.aggregate.multi_krum`); ``keep=None`` keeps ``m − f``."""
+
+    def __init__(self, num_byzantine: int = 1, keep: int | None = None) -> None:
+        super().__init__(num_byzantine)
+        self.keep = None if keep is None else check_int("keep", keep, minimum=1)
+
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        m = next(iter(updates.values())).shape[0]
+        keep = self.keep if self.keep is not None else max(1, m - self.num_byzantine)
+        return multi_krum(updates, self.num_byzantine, keep)
+
+
+class Bulyan(Krum):
+    """Bulyan (:func:`~lightning_metafed.functional.aggregate.bulyan`): ``m − 2f`` updates chosen by
+    repeated Krum, then per coordinate the mean of the ``m − 4f`` chosen values closest to their
+    median. The paper needs ``m >= 4f + 3``."""
+
+    factor = 4
+
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        return bulyan(updates, self.num_byzantine)
+
+
+class CenteredClip(Aggregator):
+    """Centered clipping (:func:`~lightning_metafed.functional.aggregate.centered_clip`): from a
+    center ``v``, ``iterations`` times ``v ← v + mean_i (Δ_i − v)·min(1, τ/‖Δ_i − v‖)``, so each
+    client moves the aggregate by at most ``τ/m`` per iteration.
+
+    Args:
+        tau: ``τ``, the clipping radius (in update-norm units: pick it near the honest clients'
+            distance to their mean).
+        iterations: how many times the center is re-clipped.
+        start: the first center: ``"median"`` (the coordinate-wise median of the round, robust and
+            stateless) or ``"zero"`` (then one iteration is :class:`NormBoundedMean`). The paper starts
+            from the previous round's aggregate with client momentum, which this stateless rule does
+            not keep.
+    """
+
+    def __init__(self, tau: float = 1.0, iterations: int = 3, start: Literal["median", "zero"] = "median") -> None:
+        self.tau = check_positive("tau", tau)
+        self.iterations = check_int("iterations", iterations, minimum=1)
+        if start not in ("median", "zero"):
+            raise ValueError(f"Expected `start` to be 'median' or 'zero', got {start!r}")
+        self.start = start
+
+    def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+        if self.start == "median":
+            center = coordinate_median(updates)
+        else:
+            center = {name: torch.zeros_like(u[0]) for name, u in updates.items()}
+        return centered_clip(updates, self.tau, self.iterations, center)
+
+
 def _smallest_trim(m: int) -> float:
     """A short ``trim`` (4 significant digits, rounded up) that trims at least one client of ``m``."""
     exact = 1 / m
@@ -242,4 +345,6 @@ def _smallest_trimmed_round(trim: float) -> int:
 
 # Checkpoints store the aggregator in their hyperparameters; allow torch.load(weights_only=True) to read it.
 # A custom Aggregator subclass should be registered the same way.
-torch.serialization.add_safe_globals([Mean, CoordinateMedian, TrimmedMean, NormBoundedMean, Bucketing])
+torch.serialization.add_safe_globals(
+    [Mean, CoordinateMedian, TrimmedMean, NormBoundedMean, Bucketing, Krum, MultiKrum, Bulyan, CenteredClip]
+)

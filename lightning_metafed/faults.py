@@ -38,10 +38,10 @@ from lightning_metafed.data.seeding import (
     uniform,
 )
 
-__all__ = ["ClientFaults", "ATTACKS"]
+__all__ = ["ClientFaults", "ATTACKS", "alie_z"]
 
 #: Byzantine behaviours: what a bad client uploads instead of its honest update ``Δ``.
-ATTACKS = ("sign_flip", "scaled", "random")
+ATTACKS = ("sign_flip", "scaled", "random", "alie", "ipm")
 
 
 class ClientFaults(ConfigObject):
@@ -61,7 +61,13 @@ class ClientFaults(ConfigObject):
             (decided from its integer ``client_id``; batches without ids draw per round).
         byzantine_attack: what a Byzantine client uploads instead of its update ``Δ``:
             ``"sign_flip"``: ``−scale·Δ``; ``"scaled"``: ``scale·Δ``; ``"random"``: Gaussian noise
-            with ``scale`` times the RMS of ``Δ`` (per parameter tensor) as standard deviation.
+            with ``scale`` times the RMS of ``Δ`` (per parameter tensor) as standard deviation;
+            ``"alie"`` ("a little is enough", Baruch, Baruch & Goldberg, 2019): every bad client
+            uploads ``μ − z·σ``, with ``μ``, ``σ`` the per-coordinate mean and standard deviation of
+            the round's honest updates and ``z`` = :func:`alie_z` of the round (``scale`` unused):
+            a shift small enough to pass coordinate-wise and distance-based rules;
+            ``"ipm"`` (inner-product manipulation, Xie, Koyejo & Gupta, 2020): every bad client
+            uploads ``−scale·μ``. Both attackers see every honest update of the round (omniscient).
         byzantine_scale: the ``scale`` above (> 0).
         seed: seed of every draw above.
     """
@@ -72,7 +78,7 @@ class ClientFaults(ConfigObject):
         step_choices: Sequence[int] | None = None,
         step_probs: Sequence[float] | None = None,
         byzantine_fraction: float = 0.0,
-        byzantine_attack: Literal["sign_flip", "scaled", "random"] = "sign_flip",
+        byzantine_attack: Literal["sign_flip", "scaled", "random", "alie", "ipm"] = "sign_flip",
         byzantine_scale: float = 10.0,
         seed: int = 0,
     ):
@@ -135,6 +141,9 @@ class ClientFaults(ConfigObject):
         for name in sorted(updates):
             u = updates[name]
             flag = bad.to(u.device).view(-1, *([1] * (u.dim() - 1)))
+            if self.byzantine_attack in ("alie", "ipm"):
+                out[name] = torch.where(flag, _omniscient(self.byzantine_attack, u, bad.to(u.device), s), u)
+                continue
             if self.byzantine_attack == "sign_flip":
                 evil = -s * u
             elif self.byzantine_attack == "scaled":
@@ -145,6 +154,30 @@ class ClientFaults(ConfigObject):
                 evil = s * rms * noise
             out[name] = torch.where(flag, evil, u)
         return out
+
+
+def alie_z(m: int, f: int) -> float:
+    """``z`` of "a little is enough" (Baruch et al., 2019) for ``f`` bad clients among ``m``: with
+    ``s = ⌊m/2 + 1⌋ − f`` honest clients the attackers need on their side for a majority,
+    ``z = Φ⁻¹((m − s) / m)``, the largest shift that ``s`` honest values still lie beyond. ``s`` is
+    taken as at least 1 (enough attackers for a majority need no honest client on their side), and
+    a round of one client gets ``z = 0`` (nothing to hide among)."""
+    s = max(1, m // 2 + 1 - f)
+    if m <= s:
+        return 0.0
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((m - s) / m, dtype=torch.float64)))
+
+
+def _omniscient(attack: str, u: Tensor, bad: Tensor, scale: float) -> Tensor:
+    """One parameter's upload ``[*shape]`` of every bad client under ``"alie"`` or ``"ipm"``, from
+    the mean and standard deviation of the honest rows of ``u`` (all rows when none is honest)."""
+    honest = u[~bad] if bool((~bad).any()) else u
+    mu = honest.mean(0)
+    if attack == "ipm":
+        return -scale * mu
+    if honest.shape[0] < 2:  # no spread to hide in: the bad clients upload the mean itself
+        return mu
+    return mu - alie_z(u.shape[0], int(bad.sum())) * honest.std(0)
 
 
 torch.serialization.add_safe_globals([ClientFaults])

@@ -25,11 +25,17 @@ alone. A SuperNode runs each message in a fresh ClientApp process, so the row is
 node's ``context.state`` (a record the SuperNode holds locally and never sends): :func:`node_train`
 and :func:`node_evaluate` restore it into the store before a message and keep it after.
 :func:`simulate` keeps one module (and one such record) per partition for the whole run.
+
+Client-level DP (the module's ``privacy``) runs on the server as in a Lightning round: the server
+clips the clear updates, sums them, adds the noise and accounts for it in a
+:class:`~lightning_metafed.round.PrivacyLedger` (:func:`server_ledger`, :func:`server_update`).
+Under secure aggregation (:mod:`lightning_metafed.flower_secure`) the server sees only the sum of
+the uploads, so the clients clip; the ServerApp's loop is :func:`lightning_metafed.flower_server.run_server`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +46,9 @@ from lightning_metafed.functional.aggregate import finite_clients
 from lightning_metafed.round import (
     Aggregation,
     ClientComputation,
+    PrivacyLedger,
     RoundCounts,
+    RoundResult,
     Uploads,
     UploadScreen,
     screen_and_aggregate,
@@ -59,16 +67,25 @@ STATE_RECORD = "metafed-client-state"
 """The key of a client's state row in its SuperNode's ``context.state``."""
 
 __all__ = [
+    "check_flower_module",
+    "client_batch",
+    "client_computation",
     "client_evaluate",
     "client_train",
+    "keep_state_row",
     "load_from_config",
+    "load_parameters",
     "node_evaluate",
     "node_train",
     "replies_to_uploads",
+    "restore_row",
+    "server_ledger",
     "server_message",
+    "server_optimizer",
     "server_update",
     "simulate",
     "stored_row",
+    "with_node_state",
 ]
 
 
@@ -100,8 +117,9 @@ def _parameters(model: MetaFedModule) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu() for k, p in model.named_parameters()}
 
 
-def _load_parameters(model: MetaFedModule, arrays: Any) -> None:
-    state = arrays.to_torch_state_dict()
+def load_parameters(model: MetaFedModule, arrays: Any) -> None:
+    """Copy the server's meta-parameters (an ``ArrayRecord`` or a ``{name: tensor}`` mapping) into ``model``."""
+    state = arrays.to_torch_state_dict() if hasattr(arrays, "to_torch_state_dict") else dict(arrays)
     params = dict(model.named_parameters())
     if set(state) != set(params):
         raise ValueError(f"Expected the parameters {sorted(params)} from the server, got {sorted(state)}")
@@ -118,7 +136,7 @@ def server_message(model: MetaFedModule, round_idx: int) -> RecordDict:
     )
 
 
-def _client_batch(data: FederatedDataModule, partition: int, round_idx: int | None) -> TaskBatch:
+def client_batch(data: FederatedDataModule, partition: int, round_idx: int | None) -> TaskBatch:
     """Client ``partition``'s batch of one: its task of round ``round_idx`` (``None``: its evaluation
     task), its weight and its global id."""
     train = data.population("train")
@@ -128,24 +146,38 @@ def _client_batch(data: FederatedDataModule, partition: int, round_idx: int | No
     return stack_tasks([task], [float(train.size(partition))], [train.global_id(partition)])
 
 
+def client_computation(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, dict[str, torch.Tensor], Params | None]:
+    """The batch's upload ``{name: [1, *shape]}``, its diagnostics and (with a ``client_state``
+    store) the client's new state row; nothing is written yet (see :func:`keep_state_row`)."""
+    if model.client_state is None:
+        updates, aux = model.client_updates_with_aux(batch)
+        return updates, aux, None
+    computation = ClientComputation(model.client_update, model.runner, state_store=model.client_state)
+    uploads = computation.uploads(model.meta_parameters(detach=True), batch, None)
+    return uploads.updates, uploads.aux, uploads.state
+
+
+def keep_state_row(model: MetaFedModule, batch: TaskBatch, state: Params | None) -> None:
+    """Write the client's new state row (from :func:`client_computation`) into the module's store."""
+    if state is not None:
+        model.client_state.write(batch.client_id, state)
+
+
 def _client_round(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, dict[str, torch.Tensor]]:
     """The batch's upload and diagnostics. With a ``client_state`` store the client's row is read
     from it and, when the upload is finite (the server keeps it), its new row is written back."""
-    if model.client_state is None:
-        return model.client_updates_with_aux(batch)
-    computation = ClientComputation(model.client_update, model.runner, state_store=model.client_state)
-    uploads = computation.uploads(model.meta_parameters(detach=True), batch, None)
-    if bool(finite_clients(uploads.updates).all()):
-        model.client_state.write(batch.client_id, uploads.state)
-    return uploads.updates, uploads.aux
+    updates, aux, state = client_computation(model, batch)
+    if bool(finite_clients(updates).all()):
+        keep_state_row(model, batch, state)
+    return updates, aux
 
 
 def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
     """Client ``partition``: load the meta-parameters, adapt on its own data, return its update
     (a module with per-client state also updates the client's row in its own store)."""
     app = require_flwr()
-    _load_parameters(model, content["arrays"])
-    batch = _client_batch(data, partition, int(content["config"]["round"]))
+    load_parameters(model, content["arrays"])
+    batch = client_batch(data, partition, int(content["config"]["round"]))
     updates, aux = _client_round(model, batch)
     weight = float(data.population("train").size(partition))
     metrics = {"partition": partition, "weight": weight, **{k: float(v[0]) for k, v in aux.items()}}
@@ -159,8 +191,8 @@ def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: 
     meta-parameters (a module with per-client state: from the client's own starting point, its
     stored row), score its query set before (``pre``) and after (``post``) adaptation."""
     app = require_flwr()
-    _load_parameters(model, content["arrays"])
-    batch = _client_batch(data, partition, None)
+    load_parameters(model, content["arrays"])
+    batch = client_batch(data, partition, None)
     curves = model.adaptation_curves(batch)
     metrics: dict[str, float] = {"partition": partition, "n_query": float(batch.query_x.shape[1])}
     for key, curve in curves.items():
@@ -177,8 +209,8 @@ def stored_row(model: MetaFedModule, data: FederatedDataModule, partition: int) 
     return {k: v[0].detach().cpu() for k, v in row.items()}
 
 
-def _restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int, state: RecordDict) -> None:
-    """Write the row kept in ``state`` (a SuperNode's ``context.state``) into the module's store."""
+def restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int, state: RecordDict) -> None:
+    """Write client ``partition``'s row kept in ``state`` (a SuperNode's ``context.state``) into the module's store."""
     if model.client_state is None or STATE_RECORD not in state:
         return
     row = state[STATE_RECORD].to_torch_state_dict()
@@ -189,8 +221,17 @@ def _restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int
 def node_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
     """A SuperNode's train message: :func:`client_train` with the client's row restored from the
     node-local ``state`` before and kept there after (it is not part of the reply)."""
-    _restore_row(model, data, partition, state)
-    reply = client_train(model, data, partition, content)
+    return with_node_state(client_train, model, data, partition, content, state)
+
+
+def with_node_state(
+    handler: Callable[..., RecordDict], model: MetaFedModule, data: FederatedDataModule, partition: int,
+    content: RecordDict, state: RecordDict,
+) -> RecordDict:
+    """``handler(model, data, partition, content)`` with the client's row restored from the node-local
+    ``state`` before and kept there after (the row is never part of the reply)."""
+    restore_row(model, data, partition, state)
+    reply = handler(model, data, partition, content)
     row = stored_row(model, data, partition)
     if row is not None:
         state[STATE_RECORD] = require_flwr().ArrayRecord(torch_state_dict=row)
@@ -199,7 +240,7 @@ def node_train(model: MetaFedModule, data: FederatedDataModule, partition: int, 
 
 def node_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
     """A SuperNode's evaluate message: :func:`client_evaluate` from the row kept in ``state``."""
-    _restore_row(model, data, partition, state)
+    restore_row(model, data, partition, state)
     return client_evaluate(model, data, partition, content)
 
 
@@ -214,50 +255,89 @@ def replies_to_uploads(replies: Sequence[RecordDict]) -> tuple[Uploads, list[Rec
     return Uploads(updates, {}, weights, partitions, upload), replies
 
 
-def server_update(
-    model: MetaFedModule, optimizer: torch.optim.Optimizer, replies: Sequence[RecordDict], round_idx: int = 0
-) -> dict[str, float]:
-    """Aggregate the clients' updates (in partition order) with the module's aggregator and take
-    a server-optimizer step; returns the mean of the accepted clients' metrics.
-
-    The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
-    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest, a
-    non-finite aggregate raises, and :func:`~lightning_metafed.round.server_step` applies it. The
-    module's simulated ``faults`` do not apply (a deployment has real ones), and ``privacy`` is
-    refused: this server step adds no noise, so it would not give the guarantee the config asks for.
-    """
-    if model.privacy is not None:
-        raise ValueError(
-            f"`privacy` ({model.privacy!r}) is applied by the Lightning round only; the Flower server step adds no "
-            "noise. Remove it from the config for a Flower deployment."
-        )
+def check_flower_module(model: MetaFedModule) -> None:
+    """Refuse a module whose clients need server state beside the parameters (e.g. SCAFFOLD)."""
     if model.download_payload() is not None and set(model.download_payload()) - set(dict(model.named_parameters())):
         raise ValueError(
             f"{type(model).__name__} sends clients server state beside the parameters (e.g. SCAFFOLD's control "
             "variate), which the Flower messages do not carry; run it with `metafed fit`."
         )
+
+
+def server_ledger(model: MetaFedModule, messaged: int, num_nodes: int) -> PrivacyLedger | None:
+    """The server's :class:`~lightning_metafed.round.PrivacyLedger` under ``privacy`` (else ``None``),
+    with its noise seed drawn and its sampling rate ``privacy.sample_rate`` or, by default,
+    ``messaged / num_nodes`` (the clients messaged per round over the SuperNodes; 1 when every node
+    trains every round)."""
+    if model.privacy is None:
+        return None
+    if not 0 < messaged <= num_nodes:
+        raise ValueError(f"Expected 0 < `messaged` <= `num_nodes` = {num_nodes} (clients messaged per round), got {messaged}")
+    model.privacy.sum_noise_multiplier(messaged)  # adaptive clipping: the count's noise must leave noise for the sum
+    ledger = PrivacyLedger(model.privacy)
+    if ledger.sample_rate is None:
+        ledger.sample_rate = messaged / num_nodes
+    ledger.resolve_noise_seed()
+    return ledger
+
+
+def server_update(
+    model: MetaFedModule,
+    optimizer: torch.optim.Optimizer,
+    replies: Sequence[RecordDict],
+    round_idx: int = 0,
+    ledger: PrivacyLedger | None = None,
+    sampled: int | None = None,
+) -> dict[str, float]:
+    """Aggregate the clients' updates (in partition order) with the module's aggregator and take
+    a server-optimizer step; returns the mean of the accepted clients' metrics (and, under
+    ``privacy``, the ledger's ``privacy/*`` metrics).
+
+    The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
+    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest (or,
+    under ``privacy``, :class:`~lightning_metafed.round.Aggregation` clips them to the ledger's clip
+    norm, sums them, adds the noise of ``ledger``'s seed and divides by ``sampled``, the clients
+    messaged this round, default the replies), a non-finite aggregate raises, and
+    :func:`~lightning_metafed.round.server_step` applies it; ``ledger`` records the round. The
+    module's simulated ``faults`` do not apply (a deployment has real ones).
+    """
+    check_flower_module(model)
+    if model.privacy is not None and ledger is None:
+        raise ValueError(
+            f"`privacy` ({model.privacy!r}) needs the server's privacy ledger: pass "
+            "`ledger=server_ledger(model, messaged, num_nodes)`, got ledger=None"
+        )
     uploads, replies = replies_to_uploads(replies)
-    counts = RoundCounts(sampled=len(replies), survivors=len(replies))
+    counts = RoundCounts(sampled=len(replies) if sampled is None else sampled, survivors=len(replies))
     screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
-    aggregate, uploads, _ = screen_and_aggregate(uploads, screen, Aggregation(model.aggregator), round_idx, counts)
+    aggregation = Aggregation(model.aggregator)
+    if ledger is not None:
+        aggregation = Aggregation(model.aggregator, model.privacy, ledger.seed(), ledger.clip_norm)
+    aggregate, uploads, counts = screen_and_aggregate(uploads, screen, aggregation, round_idx, counts)
     server_step(optimizer, dict(model.named_parameters()), aggregate)
     accepted = set(uploads.client_id)
     replies = [r for r in replies if int(r["metrics"]["partition"]) in accepted]  # rejected clients' metrics are left out
     keys = [k for k in replies[0]["metrics"] if k not in ("partition", "weight")]
-    return {k: sum(float(r["metrics"][k]) for r in replies) / len(replies) for k in keys}
+    metrics = {k: sum(float(r["metrics"][k]) for r in replies) / len(replies) for k in keys}
+    if ledger is not None:
+        ledger.record(RoundResult(aggregate, {}, counts, 0, uploads.bytes_per_client))
+        metrics.update(ledger.metrics())
+    return metrics
 
 
 def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the Flower protocol in-process: the same messages, clients and server steps as a
-    deployment whose SuperNodes have ``partition-id`` in ``partitions``. Each partition keeps its
-    own module (and node-local state record) for the whole run, as a SuperNode does.
+    deployment whose SuperNodes have ``partition-id`` in ``partitions`` (all of them trained every
+    round, so under ``privacy`` the default sampling rate is 1). Each partition keeps its own module
+    (and node-local state record) for the whole run, as a SuperNode does.
 
-    Returns the final parameters, the per-round client metrics, the evaluation metrics, every
-    message exchanged (to check what crosses the wire) and each partition's stored state row
-    (``None`` without per-client state).
+    Returns the final parameters, the per-round client metrics (with ``privacy/*`` under DP), the
+    evaluation metrics, every message exchanged (to check what crosses the wire), each partition's
+    stored state row (``None`` without per-client state) and the privacy ledger's summary line.
     """
     server_model, _ = load_from_config(config, overrides)
     optimizer = server_optimizer(server_model)
+    ledger = server_ledger(server_model, len(partitions), len(partitions))
     nodes = {p: load_from_config(config, overrides) for p in partitions}
     states = {p: require_flwr().RecordDict() for p in partitions}
     messages, history = [], []
@@ -265,7 +345,7 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
         down = server_message(server_model, r)
         replies = [node_train(*nodes[p], p, down, states[p]) for p in partitions]
         messages += [down, *replies]
-        history.append(server_update(server_model, optimizer, replies, r))
+        history.append(server_update(server_model, optimizer, replies, r, ledger, len(partitions)))
     down = server_message(server_model, rounds)
     evaluations = [node_evaluate(*nodes[p], p, down, states[p]) for p in partitions]
     messages += [down, *evaluations]
@@ -275,4 +355,5 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
         "evaluation": [dict(e["metrics"]) for e in evaluations],
         "messages": messages,
         "client_state": {p: stored_row(*nodes[p], p) for p in partitions},
+        "privacy": None if ledger is None else ledger.summary(),
     }

@@ -283,7 +283,9 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         return RoundPipeline(
             computation=computation,
             screen=UploadScreen(self.faults, self.reject_nonfinite, warn_rejections=first_rejection, warn=rank_zero_warn),
-            aggregation=Aggregation(self.aggregator, self.privacy, None if privacy is None else privacy.seed()),
+            aggregation=Aggregation(
+                self.aggregator, self.privacy, None if privacy is None else privacy.seed(), None if privacy is None else privacy.clip_norm
+            ),
             faults=self.faults,
             step_bound=self.local_step_bound(),
             fast_path=self._use_fast_path(),

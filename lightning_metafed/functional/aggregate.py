@@ -11,9 +11,18 @@ All of the server's aggregation math lives here as pure functions (no state, no 
 - :func:`bucket_means`: means of consecutive groups of clients, the input of a robust rule under
   bucketing (Karimireddy, He & Jaggi, 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
   via Bucketing").
-- :func:`noisy_clipped_mean`: the DP-FedAvg aggregate ``(Σ_i clip(Δ_i) + noise) / m`` (McMahan,
-  Ramage, Talwar & Zhang, 2018, "Learning Differentially Private Recurrent Language Models"); the
-  noise is drawn by the caller (:class:`lightning_metafed.privacy.ClientDP`), which owns the seeds.
+- :func:`noisy_clipped_mean` and :func:`noised_sum_mean`: the DP-FedAvg aggregate
+  ``(Σ_i clip(Δ_i) + noise) / m`` (McMahan, Ramage, Talwar & Zhang, 2018, "Learning Differentially
+  Private Recurrent Language Models"), from the uploads or from their clipped sum (what a secure
+  aggregation reveals); the noise is drawn by the caller (:class:`lightning_metafed.privacy.ClientDP`),
+  which owns the seeds. :func:`adaptive_clip_update` and :func:`adaptive_noise_multiplier`: adaptive
+  clipping (Andrew, Thakkar, McMahan & Ramaswamy, 2021, "Differentially Private Learning with
+  Adaptive Clipping").
+- :func:`krum`, :func:`multi_krum` (Blanchard, El Mhamdi, Guerraoui & Stainer, 2017, "Machine
+  Learning with Adversaries: Byzantine Tolerant Gradient Descent"), :func:`bulyan` (El Mhamdi,
+  Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium") and
+  :func:`centered_clip` (Karimireddy, He & Jaggi, 2021, "Learning from History for Byzantine Robust
+  Optimization"): rules that pick or clip whole client updates by their distances to each other.
 
 The norm of a client's update is taken over all of its parameters together. The functions keep the
 operation order of the aggregator classes they replaced, so results are bit-identical to them.
@@ -31,10 +40,18 @@ from torch import Tensor
 from lightning_metafed.functional.client_task import Params
 
 __all__ = [
+    "adaptive_clip_update",
+    "adaptive_noise_multiplier",
     "bucket_means",
+    "bulyan",
+    "centered_clip",
     "clip_to_norm",
     "coordinate_median",
     "finite_clients",
+    "krum",
+    "krum_scores",
+    "multi_krum",
+    "noised_sum_mean",
     "noisy_clipped_mean",
     "norm_bounded_mean",
     "normalize_weights",
@@ -180,6 +197,134 @@ def noisy_clipped_mean(
     ``denominator`` is data-independent: the number of *sampled* clients, not of survivors.
     """
     _check_positive("clip_norm", clip_norm)
-    _check_positive("denominator", denominator)
     clipped, norms = clip_to_norm(updates, clip_norm)
-    return {k: (u.sum(0) + noise[k].to(u.device, u.dtype)) / denominator for k, u in clipped.items()}, norms
+    return noised_sum_mean({k: u.sum(0) for k, u in clipped.items()}, noise, denominator), norms
+
+
+def noised_sum_mean(total: Mapping[str, Tensor], noise: Mapping[str, Tensor], denominator: int | float) -> Params:
+    """``(total + z) / denominator`` per parameter: the DP-FedAvg aggregate from the clients' clipped
+    *sum* (all a secure aggregation reveals), ``z`` cast to the sum's dtype and device."""
+    _check_positive("denominator", denominator)
+    return {k: (t + noise[k].to(t.device, t.dtype)) / denominator for k, t in total.items()}
+
+
+def adaptive_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The noise multiplier ``z_Δ`` of the clipped sum under adaptive clipping (Andrew et al., 2021,
+    Theorem 1): releasing the sum with ``z_Δ`` and the unclipped count with noise ``σ_b`` spends the
+    privacy of one Gaussian mechanism with multiplier ``z`` when ``z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)``.
+    ``z = 0`` (no privacy) gives 0; ``2σ_b <= z`` leaves no budget for the sum and raises."""
+    if noise_multiplier == 0:
+        return 0.0
+    _check_positive("noise_multiplier", noise_multiplier)
+    _check_positive("count_stddev", count_stddev)
+    if 2 * count_stddev <= noise_multiplier:
+        raise ValueError(
+            f"Expected `count_stddev` > noise_multiplier / 2 = {noise_multiplier / 2:g} (the count's noise must "
+            f"spend less privacy than the whole round), got {count_stddev!r}"
+        )
+    return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+def adaptive_clip_update(clip_norm: float, unclipped_fraction: float, target_quantile: float, lr: float) -> float:
+    """The next clip norm ``C · exp(−η (b̃ − γ))`` (Andrew et al., 2021, geometric update): ``b̃`` is
+    the (already noised) fraction of clients whose update norm was ``<= C``, ``γ`` the target
+    quantile, ``η = lr``. ``C`` shrinks while more than ``γ`` of the clients fit under it."""
+    return float(clip_norm * math.exp(-lr * (unclipped_fraction - target_quantile)))
+
+
+def _flat(updates: Mapping[str, Tensor]) -> Tensor:
+    """``[m, total numel]`` float64: each client's update over all parameters, in the mapping's order."""
+    return torch.cat([_per_client(u).double() for u in updates.values()], dim=1)
+
+
+def _check_byzantine(num_byzantine: int) -> None:
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
+        raise ValueError(f"Expected `num_byzantine` to be an integer >= 0, got {num_byzantine!r}")
+
+
+def krum_scores(updates: Mapping[str, Tensor], num_byzantine: int) -> Tensor:
+    """``[m]`` float64 Krum scores (Blanchard et al., 2017): client ``i``'s sum of squared distances
+    (over all parameters together) to its ``k = m − f − 2`` nearest other clients, ``f =
+    num_byzantine``; ``k`` is clamped to ``[1, m − 1]`` in rounds too small for ``f``."""
+    _check_byzantine(num_byzantine)
+    m = _num_clients(updates)
+    if m == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    flat = _flat(updates)
+    dist = torch.stack([(flat - row).pow(2).sum(1) for row in flat])  # exact, one [m, numel] at a time
+    dist.fill_diagonal_(math.inf)
+    k = min(max(m - num_byzantine - 2, 1), m - 1)
+    return torch.sort(dist, dim=1).values[:, :k].sum(1)
+
+
+def _rows(updates: Mapping[str, Tensor], index: Tensor) -> Params:
+    return {name: u[index.to(u.device)] for name, u in updates.items()}
+
+
+def _lowest(scores: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` lowest scores (ties: lower index first)."""
+    return torch.sort(scores, stable=True).indices[:count]
+
+
+def krum(updates: Mapping[str, Tensor], num_byzantine: int) -> Params:
+    """The one client update with the lowest :func:`krum_scores` (ties: the lowest index)."""
+    best = _lowest(krum_scores(updates, num_byzantine), 1)
+    return {name: u[0] for name, u in _rows(updates, best).items()}
+
+
+def multi_krum(updates: Mapping[str, Tensor], num_byzantine: int, keep: int) -> Params:
+    """Mean of the ``keep`` client updates with the lowest :func:`krum_scores`, the scores computed
+    once over all ``m`` clients (Blanchard et al., 2017); ``keep >= m`` is the plain mean."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"Expected `keep` to be an integer >= 1, got {keep!r}")
+    chosen = _lowest(krum_scores(updates, num_byzantine), keep)
+    return {name: u.mean(0) for name, u in _rows(updates, chosen).items()}
+
+
+def bulyan(updates: Mapping[str, Tensor], num_byzantine: int) -> Params:
+    """Bulyan (El Mhamdi et al., 2018) with ``f = num_byzantine``:
+
+    1. select ``θ = m − 2f`` clients by Krum repeatedly: score the remaining clients, move the
+       lowest-scoring one (lowest index on ties) to the selection, score the rest again;
+    2. per coordinate, average the ``β = θ − 2f`` selected values closest to their median (the mean
+       of the two middle values for an even ``θ``).
+
+    ``θ`` and ``β`` are at least 1 (rounds smaller than ``4f + 3`` do not meet the paper's bound).
+    """
+    m = _num_clients(updates)
+    _check_byzantine(num_byzantine)
+    theta = max(1, m - 2 * num_byzantine)
+    beta = max(1, theta - 2 * num_byzantine)
+    remaining = torch.arange(m)
+    selected = []
+    for _ in range(theta):
+        best = int(_lowest(krum_scores(_rows(updates, remaining), num_byzantine), 1))
+        selected.append(int(remaining[best]))
+        remaining = torch.cat([remaining[:best], remaining[best + 1 :]])
+    chosen = _rows(updates, torch.tensor(selected))
+    median = coordinate_median(chosen)
+    out = {}
+    for name, u in chosen.items():
+        closest = torch.sort((u - median[name]).abs(), dim=0, stable=True).indices[:beta]
+        out[name] = torch.gather(u, 0, closest).mean(0)
+    return out
+
+
+def centered_clip(updates: Mapping[str, Tensor], tau: float, iterations: int, center: Mapping[str, Tensor]) -> Params:
+    """Centered clipping (Karimireddy, He & Jaggi, 2021), ``iterations`` times from ``v = center``:
+
+        v ← v + (1/m) Σ_i (Δ_i − v) · min(1, τ / ‖Δ_i − v‖)
+
+    the norm over all parameters of a client together (a zero difference is not scaled). Each client
+    moves ``v`` by at most ``τ / m`` per iteration, however large its update.
+    """
+    _check_positive("tau", tau)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"Expected `iterations` to be an integer >= 1, got {iterations!r}")
+    _num_clients(updates)
+    v = {name: center[name].to(u.device, u.dtype) for name, u in updates.items()}
+    for _ in range(iterations):
+        diff = {name: u - v[name] for name, u in updates.items()}
+        clipped, _ = clip_to_norm(diff, tau)
+        v = {name: v[name] + d.mean(0) for name, d in clipped.items()}
+    return v

@@ -145,6 +145,8 @@ class PrivacyLedger:
         self.sample_rate: float | None = privacy.sample_rate
         self.noise_seed: int | None = None
         self.last_clipped = 0
+        #: This round's clip norm: ``privacy.clip_norm``, then (adaptive clipping) the last round's update.
+        self.clip_norm = privacy.clip_norm
 
     def resolve_noise_seed(self, broadcast: Callable[[int], int] | None = None) -> int:
         """Draw the fit's noise seed (``broadcast`` makes every DDP process use rank 0's)."""
@@ -170,6 +172,7 @@ class PrivacyLedger:
             raise ValueError(
                 f"`privacy` assumes uniform client sampling; the datamodule has client_sampling={datamodule.client_sampling!r}"
             )
+        self.privacy.sum_noise_multiplier(datamodule.clients_per_round)  # adaptive clipping: σ_b must leave noise for the sum
         self.sample_rate = datamodule.clients_per_round / len(datamodule.population("train"))
         return self.sample_rate
 
@@ -177,6 +180,8 @@ class PrivacyLedger:
         # Every round counts, skipped ones included (conservative: skipping depends on no data).
         self.count_round()
         self.last_clipped = result.counts.clipped
+        if result.counts.next_clip_norm is not None:
+            self.clip_norm = result.counts.next_clip_norm
 
     def count_round(self) -> None:
         """One more round spent (also a round skipped because it was not finite: it used the data)."""
@@ -191,7 +196,10 @@ class PrivacyLedger:
         return float(self.accountant.get_epsilon(delta=self.privacy.delta))
 
     def metrics(self) -> dict[str, float]:
-        return {"privacy/epsilon": self.epsilon(), "privacy/clipped": self.last_clipped}
+        out = {"privacy/epsilon": self.epsilon(), "privacy/clipped": self.last_clipped}
+        if self.privacy.adaptive:
+            out["privacy/clip_norm"] = self.clip_norm
+        return out
 
     def summary(self) -> str | None:
         if not self.accountant.history:
@@ -200,14 +208,24 @@ class PrivacyLedger:
         return (
             f"Privacy: client-level ({self.epsilon():.3g}, {p.delta:g})-DP after {sum(h[-1] for h in self.accountant.history)} "
             f"rounds ({p.accountant.upper()} accountant, sampling rate q={self.sample_rate:.4g}, noise multiplier "
-            f"{p.noise_multiplier:g}, clip norm {p.clip_norm:g})"
+            f"{p.noise_multiplier:g}, {self._clip_words()})"
         )
 
+    def _clip_words(self) -> str:
+        p = self.privacy
+        if not p.adaptive:
+            return f"clip norm {p.clip_norm:g}"
+        return f"adaptive clip norm {p.clip_norm:g} → {self.clip_norm:.4g}, target quantile {p.target_quantile:g}"
+
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict()}
+        state: dict[str, Any] = {"accountant": self.accountant.state_dict()}
+        if self.privacy.adaptive:
+            state["clip_norm"] = self.clip_norm
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        self.clip_norm = state.get("clip_norm", self.privacy.clip_norm)
 
 
 class RoundLedgers:

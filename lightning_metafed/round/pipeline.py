@@ -43,13 +43,15 @@ def python_warning(message: str) -> None:
 
 @dataclass(frozen=True)
 class RoundCounts:
-    """How many clients a round sampled, kept, saw attack, rejected, and (under DP) clipped."""
+    """How many clients a round sampled, kept, saw attack, rejected, and (under DP) clipped; under DP
+    also the clip norm the next round uses (``next_clip_norm``: changed only by adaptive clipping)."""
 
     sampled: int
     survivors: int
     byzantine: int = 0
     rejected: int = 0
     clipped: int = 0
+    next_clip_norm: float | None = None
 
     @property
     def dropped(self) -> int:
@@ -153,18 +155,23 @@ class UploadScreen:
 @dataclass(frozen=True)
 class Aggregation:
     """The screened uploads combined: the ``aggregator``, or client-level DP (``privacy``, with
-    the fit's ``noise_seed``), which divides by the number of *sampled* clients."""
+    the fit's ``noise_seed`` and this round's ``clip_norm``, default the configured one), which
+    divides by the number of *sampled* clients and sets the next round's clip norm in the counts."""
 
     aggregator: Aggregator
     privacy: ClientDP | None = None
     noise_seed: int | None = None
+    clip_norm: float | None = None
 
     def __call__(self, uploads: Uploads, round_idx: int, counts: RoundCounts) -> tuple[Params, RoundCounts]:
         if self.privacy is None:
             weights = uploads.weights if self.aggregator.uses_weights else None
             return self.aggregator(uploads.updates, weights), counts
-        aggregate, norms = self.privacy.aggregate(uploads.updates, counts.sampled, self.noise_seed, round_idx)
-        return aggregate, replace(counts, clipped=int((norms > self.privacy.clip_norm).sum()))
+        dp, clip = self.privacy, self.privacy.clip_norm if self.clip_norm is None else self.clip_norm
+        aggregate, norms = dp.aggregate(uploads.updates, counts.sampled, self.noise_seed, round_idx, clip)
+        clipped = int((norms > clip).sum())
+        following = dp.next_clip_norm(clip, uploads.num_clients - clipped, counts.sampled, self.noise_seed, round_idx)
+        return aggregate, replace(counts, clipped=clipped, next_clip_norm=following)
 
 
 def all_finite(values: Mapping[str, Tensor]) -> bool:

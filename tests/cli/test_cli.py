@@ -45,6 +45,7 @@ def test_configs_directory_has_one_config_per_algorithm_and_dataset():
         "synthetic/maml.yaml",
         "synthetic/maml_faults.yaml",
         "synthetic/maml_dp.yaml",
+        "synthetic/maml_dp_adaptive.yaml",
         "digits/maml.yaml",
         "digits/anil.yaml",
         "digits/fedavg.yaml",

@@ -59,10 +59,15 @@ def test_in_process_protocol_equals_the_module_round():
     assert_protocol_equals_module_round([0, 1])
 
 
-def test_flower_server_uses_robust_aggregators_and_refuses_privacy():
+def test_flower_server_uses_robust_aggregators_and_needs_its_privacy_ledger():
+    """The server runs the module's aggregator; under `privacy` it adds the noise itself, so a
+    server step without the privacy ledger (its seed, clip norm and accountant) is refused."""
+    from lightning_metafed.flower import server_optimizer, server_update
+
     assert_protocol_equals_module_round([0, 1, 2], ["--model.aggregator=lightning_metafed.aggregators.CoordinateMedian"])
-    with pytest.raises(ValueError, match="`privacy`.*adds no noise"):
-        simulate(CONFIG, [0, 1], rounds=1, overrides=["--model.privacy=lightning_metafed.privacy.ClientDP"])
+    model, _ = load_from_config(CONFIG, ["--model.privacy=lightning_metafed.privacy.ClientDP"])
+    with pytest.raises(ValueError, match="`privacy`.*needs the server's privacy ledger.*got ledger=None"):
+        server_update(model, server_optimizer(model), [], 0)
 
 
 def test_local_deployment_matches_in_process_run(tmp_path):
