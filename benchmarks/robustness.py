@@ -144,7 +144,7 @@ def main() -> None:
         accs = list(pool.map(_job, jobs))
     print(
         f"Synthetic(0.5, 0.5), FOMAML, {args.rounds} rounds, {args.fraction:.0%} Byzantine clients, {args.seeds} seeds: "
-        "post-adaptation test accuracy, mean ± std over seeds (gap to the clean mean in pp)"
+        f"post-adaptation test accuracy, mean ± std over seeds (gap in pp to the clean {args.aggregators[0]})"
     )
     print(f"{'aggregator':<26}" + "".join(f"{c:>24}" for c in columns))
     reference, n = None, args.seeds

@@ -35,6 +35,7 @@ the uploads, so the clients clip; the ServerApp's loop is :func:`lightning_metaf
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,7 @@ __all__ = [
     "load_parameters",
     "node_evaluate",
     "node_train",
+    "public_privacy_metrics",
     "replies_to_uploads",
     "restore_row",
     "server_ledger",
@@ -264,21 +266,38 @@ def check_flower_module(model: MetaFedModule) -> None:
         )
 
 
-def server_ledger(model: MetaFedModule, messaged: int, num_nodes: int) -> PrivacyLedger | None:
+def server_ledger(model: MetaFedModule, num_nodes: int) -> PrivacyLedger | None:
     """The server's :class:`~lightning_metafed.round.PrivacyLedger` under ``privacy`` (else ``None``),
-    with its noise seed drawn and its sampling rate ``privacy.sample_rate`` or, by default,
-    ``messaged / num_nodes`` (the clients messaged per round over the SuperNodes; 1 when every node
-    trains every round)."""
+    with its noise seed drawn and sampling rate 1: every one of the ``num_nodes`` SuperNodes trains
+    every round, so there is no sampling to amplify privacy, and a ``ClientDP(sample_rate=...)``
+    below 1 (e.g. from a config written for ``metafed fit``) is refused. A fixed ``ClientDP(seed=...)``
+    is known to every client that loads the same config, which could regenerate the noise: warned."""
     if model.privacy is None:
         return None
-    if not 0 < messaged <= num_nodes:
-        raise ValueError(f"Expected 0 < `messaged` <= `num_nodes` = {num_nodes} (clients messaged per round), got {messaged}")
-    model.privacy.sum_noise_multiplier(messaged)  # adaptive clipping: the count's noise must leave noise for the sum
+    rate = model.privacy.sample_rate
+    if rate is not None and rate != 1:
+        raise ValueError(
+            f"Expected `privacy.sample_rate` to be None or 1 on Flower (every SuperNode trains every round, so no "
+            f"client sampling amplifies privacy), got {rate!r}; remove `sample_rate` from the config"
+        )
+    model.privacy.sum_noise_multiplier(num_nodes)  # adaptive clipping: the count's noise must leave noise for the sum
+    if model.privacy.seed is not None:
+        warnings.warn(
+            f"`privacy.seed` = {model.privacy.seed} is fixed: every client loads the same config and could regenerate "
+            "the server's noise and subtract it. Use seed: null (a fresh seed per run) outside experiments.",
+            UserWarning,
+            stacklevel=2,
+        )
     ledger = PrivacyLedger(model.privacy)
-    if ledger.sample_rate is None:
-        ledger.sample_rate = messaged / num_nodes
+    ledger.sample_rate = 1.0
     ledger.resolve_noise_seed()
     return ledger
+
+
+def public_privacy_metrics(ledger: PrivacyLedger) -> dict[str, float]:
+    """The ledger's metrics a deployment prints: ``privacy/epsilon`` and the clip norm, not the exact
+    count of clipped clients (a statistic of the clients' updates that no noise covers)."""
+    return {k: v for k, v in ledger.metrics().items() if k != "privacy/clipped"}
 
 
 def server_update(
@@ -305,7 +324,7 @@ def server_update(
     if model.privacy is not None and ledger is None:
         raise ValueError(
             f"`privacy` ({model.privacy!r}) needs the server's privacy ledger: pass "
-            "`ledger=server_ledger(model, messaged, num_nodes)`, got ledger=None"
+            "`ledger=server_ledger(model, num_nodes)`, got ledger=None"
         )
     uploads, replies = replies_to_uploads(replies)
     counts = RoundCounts(sampled=len(replies) if sampled is None else sampled, survivors=len(replies))
@@ -321,7 +340,7 @@ def server_update(
     metrics = {k: sum(float(r["metrics"][k]) for r in replies) / len(replies) for k in keys}
     if ledger is not None:
         ledger.record(RoundResult(aggregate, {}, counts, 0, uploads.bytes_per_client))
-        metrics.update(ledger.metrics())
+        metrics.update(public_privacy_metrics(ledger))
     return metrics
 
 
@@ -337,7 +356,7 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
     """
     server_model, _ = load_from_config(config, overrides)
     optimizer = server_optimizer(server_model)
-    ledger = server_ledger(server_model, len(partitions), len(partitions))
+    ledger = server_ledger(server_model, len(partitions))
     nodes = {p: load_from_config(config, overrides) for p in partitions}
     states = {p: require_flwr().RecordDict() for p in partitions}
     messages, history = [], []

@@ -27,8 +27,12 @@ Quantization: each coordinate (which must lie in ``[-c, c]``, ``c`` = ``clipping
 refuses to upload one beyond it, instead of letting SecAgg+ clamp it) is mapped to ``[0, Q]``
 (``Q`` = ``quantization-range``) and stochastically rounded, an error below one step ``2c/Q``. The
 sum of ``n`` uploads is therefore within ``n·2c/Q`` of the exact sum, coordinate by coordinate
-(:meth:`SecureAggregation.sum_error_bound`); the mean of ``n`` within ``2c/Q``. The integers must
-not wrap around: ``n·Q < modulus-range``.
+(:meth:`SecureAggregation.sum_error_bound`); the mean of ``n`` within ``2c/Q`` (the weighted mean
+within ``n·2c/Q / Σ_i w_i/W``, larger when the weights are far below ``W``). The integers must not
+wrap around: ``n·Q < modulus-range``. Under DP the quantization moves a clipped upload's norm by
+less than ``√d·2c/Q`` (``d`` coordinates): the server's noise is calibrated to the clip norm plus
+that much. An adaptive clip norm is capped at ``clipping-range`` (a clipped update has no coordinate
+beyond its norm), a fixed one above it is refused.
 
 A client whose update holds NaN/inf refuses to upload (it raises; Flower reports the error and the
 workflow treats the client as a dropout, which SecAgg+ tolerates): the server cannot screen
@@ -37,6 +41,7 @@ individual uploads it never sees.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,6 +98,8 @@ __all__ = [
     "secure_fit",
     "secure_upload",
 ]
+
+LOG = logging.getLogger(__name__)
 
 UNCLIPPED = ":unclipped"
 """The name of the extra summed array ``b_i`` (1 when the client's update norm is within the clip norm)."""
@@ -190,6 +197,15 @@ class SecureAggregation:
                 f"must not wrap around), got {self.quantization_range} * {clients}; lower `quantization-range`"
             )
 
+    def check_clip_norm(self, privacy: Any) -> None:
+        """Refuse a fixed DP clip norm above ``clipping-range`` (clipped clients would refuse to upload:
+        dropouts that depend on their data). An adaptive clip norm is capped at it each round."""
+        if privacy is not None and not privacy.adaptive and privacy.clip_norm > self.clipping_range:
+            raise ValueError(
+                f"Expected `privacy.clip_norm` <= `clipping-range` = {self.clipping_range:g} under secure aggregation "
+                f"(a clipped update has no coordinate beyond its norm), got {privacy.clip_norm:g}; raise `clipping-range`"
+            )
+
     def workflow(self) -> Any:
         """Flower's :class:`~flwr.server.workflow.SecAggPlusWorkflow` for one round (``max_weight = 1``:
         every client sends ``num_examples = 1``, so the workflow returns the plain average)."""
@@ -212,14 +228,18 @@ def check_secure_module(model: MetaFedModule) -> None:
 
 
 def check_clipping_range(values: Params, clipping_range: float, partition: int) -> None:
-    """Raise where SecAgg+'s quantizer would clamp a coordinate silently (beyond ``±clipping_range``)."""
+    """Raise where SecAgg+'s quantizer would clamp a coordinate silently (beyond ``±clipping_range``).
+
+    The error's message reaches the server (Flower forwards it), so it names no value of the
+    update; the parameter and the magnitude go to the client's own log only."""
     for name, value in values.items():
         peak = float(value.abs().max()) if value.numel() else 0.0
         if peak > clipping_range:
+            LOG.error("client %s: upload %r has a coordinate of magnitude %.6g > clipping-range %g", partition, name, peak, clipping_range)
             raise ValueError(
-                f"Client {partition}'s upload {name!r} has a coordinate of magnitude {peak:.6g} beyond the secure "
-                f"aggregation's `clipping-range` = {clipping_range:g}, where SecAgg+ would clamp it silently; raise "
-                "`clipping-range` in the run config above it (or bound the updates with `privacy`)"
+                f"Client {partition}'s upload has a coordinate beyond the secure aggregation's `clipping-range` = "
+                f"{clipping_range:g}, where SecAgg+ would clamp it silently; raise `clipping-range` in the run config "
+                "(or bound the updates with `privacy`). The client's log names the parameter and the value."
             )
 
 

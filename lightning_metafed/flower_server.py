@@ -13,15 +13,16 @@ Each round goes one of two ways, chosen by the run config's ``secure-aggregation
   clients *messaged* are the server's, as in a Lightning round) and, under adaptive clipping,
   ``ClientDP.next_clip_norm`` from the securely summed count of unclipped clients.
 
-Under ``privacy`` one accountant step is taken per round (halted rounds included) at the sampling
-rate ``privacy.sample_rate`` or clients messaged per round / nodes (1 when every node trains every
-round), and :func:`run_server` prints ``privacy/epsilon`` each round and the ledger's summary at
-the end. The noise is added by the server after it has seen the sum: the guarantee covers what
-the server publishes (the parameters and metrics), not the server itself.
+Under ``privacy`` one accountant step is taken per round (halted rounds included) at sampling
+rate 1 (every node trains every round), and :func:`run_server` prints ``privacy/epsilon`` (and
+the adaptive clip norm) each round and the ledger's summary at the end. The noise is added by the
+server after it has seen the sum: the guarantee covers the parameters the server publishes, not the
+server itself, nor the clients' training and evaluation metrics it prints (as in simulation).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,6 +35,7 @@ from lightning_metafed.flower import (
     check_flower_module,
     load_from_config,
     require_flwr,
+    public_privacy_metrics,
     server_ledger,
     server_message,
     server_optimizer,
@@ -59,22 +61,25 @@ __all__ = ["FlowerServer", "exchange", "run_server", "wait_for_nodes"]
 
 
 class FlowerServer:
-    """The server state of a deployment with ``num_nodes`` SuperNodes, ``messaged`` of which
-    (default: all) are sent each training round; ``secure``: the SecAgg+ settings, or ``None``.
+    """The server state of a deployment with ``num_nodes`` SuperNodes, every one of which is sent
+    each training round; ``secure``: the SecAgg+ settings, or ``None``.
 
-    Refuses, before any round, a module whose clients need server state (SCAFFOLD) and, under
-    secure aggregation, any aggregator but ``Mean``.
+    Refuses, before any round, a module whose clients need server state (SCAFFOLD), and under
+    secure aggregation any aggregator but ``Mean`` and a fixed clip norm above ``clipping-range``.
     """
 
-    def __init__(self, model: MetaFedModule, num_nodes: int, messaged: int | None = None, secure: SecureAggregation | None = None):
-        check_flower_module(model)
-        self.messaged = num_nodes if messaged is None else messaged
-        if secure is not None:
+    def __init__(self, model: MetaFedModule, num_nodes: int, secure: SecureAggregation | None = None):
+        if secure is None:
+            check_flower_module(model)
+        else:
             check_secure_module(model)
-            secure.check_round_size(self.messaged)
+        self.messaged = num_nodes
+        if secure is not None:
+            secure.check_round_size(num_nodes)
+            secure.check_clip_norm(model.privacy)
         self.model, self.secure = model, secure
         self.optimizer = server_optimizer(model)
-        self.ledger = server_ledger(model, self.messaged, num_nodes)
+        self.ledger = server_ledger(model, num_nodes)
         #: The clients whose uploads the last round aggregated.
         self.survivors = 0
 
@@ -88,11 +93,16 @@ class FlowerServer:
         under ``Mean(weighted=True)`` the weight scale ``secagg-max-weight``."""
         config: dict[str, Any] = {"round": round_idx, "clipping-range": float(self.secure.clipping_range)}
         if self.ledger is not None:
-            config["clip-norm"] = float(self.ledger.clip_norm)
+            config["clip-norm"] = self.round_clip_norm()
             config["report-unclipped"] = bool(self.model.privacy.adaptive)
         elif self.model.aggregator.weighted:
             config["weight-scale"] = float(self.secure.max_weight)
         return config
+
+    def round_clip_norm(self) -> float:
+        """The clip norm the clients use this round under secure aggregation: the ledger's, capped at
+        ``clipping-range`` (a clipped update has no coordinate beyond its norm, so none is refused)."""
+        return min(float(self.ledger.clip_norm), float(self.secure.clipping_range))
 
     def update(self, replies: list[RecordDict], round_idx: int) -> dict[str, float]:
         """The round in the clear: :func:`~lightning_metafed.flower.server_update` on the clients' replies."""
@@ -113,20 +123,24 @@ class FlowerServer:
         check_finite_aggregate(aggregate, round_idx)
         server_step(self.optimizer, dict(self.model.named_parameters()), aggregate)
         self.survivors = survivors
-        metrics = self._record(RoundResult(aggregate, {}, counts, 0, 0))
-        if self.ledger is not None and not self.model.privacy.adaptive:
-            metrics.pop("privacy/clipped", None)  # under fixed clipping the clients clip and nobody counts
-        return metrics
+        return self._record(RoundResult(aggregate, {}, counts, 0, 0))
 
     def _private_aggregate(
         self, total: Params, unclipped: torch.Tensor | None, counts: RoundCounts, round_idx: int
     ) -> tuple[Params, RoundCounts]:
-        privacy, clip, seed = self.model.privacy, self.ledger.clip_norm, self.ledger.seed()
-        aggregate = privacy.aggregate_sum(total, counts.sampled, seed, round_idx, clip)
+        privacy, clip, seed = self.model.privacy, self.round_clip_norm(), self.ledger.seed()
+        # Quantization moves each clipped coordinate by less than one step: the noise covers that too.
+        sensitivity = clip + math.sqrt(sum(t.numel() for t in total.values())) * self.secure.step()
+        aggregate = privacy.aggregate_sum(total, counts.sampled, seed, round_idx, sensitivity)
         if not privacy.adaptive:
             return aggregate, counts
+        if unclipped is None:
+            raise ValueError(
+                f"Round {round_idx}: the secure sum holds no {UNCLIPPED!r} array, which adaptive clipping needs from every "
+                "client (`report-unclipped`); the clients must load the same config as the server"
+            )
         count = round(float(unclipped[0]))  # a sum of 0/1 values, off by far less than 1/2 after quantization
-        following = privacy.next_clip_norm(clip, count, counts.sampled, seed, round_idx)
+        following = privacy.next_clip_norm(clip, count, counts.survivors, counts.sampled, seed, round_idx)
         return aggregate, replace(counts, clipped=counts.survivors - count, next_clip_norm=following)
 
     def skip_round(self, round_idx: int) -> dict[str, float]:
@@ -140,7 +154,7 @@ class FlowerServer:
         if self.ledger is None:
             return {}
         self.ledger.record(result)
-        return self.ledger.metrics()
+        return public_privacy_metrics(self.ledger)
 
     def summary(self) -> str | None:
         """The privacy ledger's summary line (``None`` without ``privacy``)."""
@@ -187,10 +201,8 @@ def run_server(grid: Any, context: Context, log: Callable[[str], None] | None = 
     cfg = context.run_config
     model, _ = load_from_config(str(cfg["config"]))
     secure = SecureAggregation.from_run_config(cfg)
-    refuse = check_flower_module if secure is None else check_secure_module
-    refuse(model)  # before waiting for the nodes
-    nodes = wait_for_nodes(grid, int(cfg["num-nodes"]))
-    server = FlowerServer(model, len(nodes), secure=secure)
+    server = FlowerServer(model, int(cfg["num-nodes"]), secure=secure)  # refuses a bad config before waiting
+    nodes = wait_for_nodes(grid, server.messaged)
     secure_rounds = None if secure is None else SecureRounds(grid, context, server, nodes, secure)
     message_type = require_flwr().MessageType
     history = []

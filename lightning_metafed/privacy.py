@@ -15,12 +15,13 @@ far comes from Opacus's accountants (RDP or PRV), not from code of ours.
 
 Adaptive clipping (``target_quantile``; Andrew, Thakkar, McMahan & Ramaswamy, 2021, "Differentially
 Private Learning with Adaptive Clipping") replaces the fixed ``C`` by one that follows a quantile
-``γ`` of the clients' update norms: each round counts the clients whose norm is ``<= C_t``, adds
-``N(0, σ_b²)`` to the count, and sets ``C_{t+1} = C_t · exp(−η (b̃ − γ))`` with ``b̃`` the noisy count
-over the sampled clients. The count is a second Gaussian release; the sum's noise multiplier is
-raised to ``z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)`` so that the two together spend exactly the privacy of
-one round with noise multiplier ``z = noise_multiplier`` (the paper's Theorem 1), which is what the
-accountant is told.
+``γ`` of the clients' update norms: each round releases the centred count ``Σ_i (b_i − ½)`` of the
+clients whose norm is ``<= C_t`` (``b_i = 1``) plus ``N(0, σ_b²)``, takes ``b̃ = noisy count / m + ½``
+(clamped to ``[0, 1]``), and sets ``C_{t+1} = C_t · exp(−η (b̃ − γ))``. Adding or removing a client
+moves the centred count by ½, so it is a second Gaussian release with noise multiplier ``2σ_b``; the
+sum's noise multiplier is raised to ``z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)`` so that the two together spend
+exactly the privacy of one round with noise multiplier ``z = noise_multiplier`` (the paper's Theorem
+1), which is what the accountant is told.
 
 What this does **not** give: record-level privacy inside a client (the unit is the whole client);
 protection against a server that skips the noise; a cryptographically secure noise source (noise
@@ -199,14 +200,20 @@ class ClientDP(ConfigObject):
         c = self.clip_norm if clip_norm is None else clip_norm
         return noised_sum_mean(total, self._sum_noise({k: t.shape for k, t in total.items()}, sampled, seed, round_idx, c), sampled)
 
-    def next_clip_norm(self, clip_norm: float, unclipped: int | float, sampled: int, seed: int, round_idx: int) -> float:
-        """The next round's clip norm from this round's count of clients whose update norm was ``<=
-        clip_norm``: the count gets ``N(0, σ_b²)`` noise (generator of ``(seed, CLIP_COUNT, round_idx)``)
-        and the geometric update is applied. Fixed clipping returns ``clip_norm``."""
+    def next_clip_norm(
+        self, clip_norm: float, unclipped: int | float, survivors: int, sampled: int, seed: int, round_idx: int
+    ) -> float:
+        """The next round's clip norm from this round's count of the ``survivors`` whose update norm
+        was ``<= clip_norm``. As in the paper, the released statistic is the *centred* count
+        ``Σ_i (b_i − ½)``, which one client more or less moves by ½ (the sensitivity behind
+        ``z_Δ``); it gets ``N(0, σ_b²)`` noise (generator of ``(seed, CLIP_COUNT, round_idx)``), is
+        divided by the ``sampled`` clients and shifted back by ½, clamped to ``[0, 1]`` and fed to the
+        geometric update. Fixed clipping returns ``clip_norm``."""
         if not self.adaptive:
             return clip_norm
         noise = self.count_noise_std(sampled) * torch.randn((), generator=generator(seed, CLIP_COUNT, round_idx), dtype=torch.float64)
-        return adaptive_clip_update(clip_norm, (float(unclipped) + float(noise)) / sampled, self.target_quantile, self.clip_lr)
+        fraction = (float(unclipped) - survivors / 2 + float(noise)) / sampled + 0.5
+        return adaptive_clip_update(clip_norm, min(1.0, max(0.0, fraction)), self.target_quantile, self.clip_lr)
 
 
 torch.serialization.add_safe_globals([ClientDP])

@@ -74,7 +74,8 @@ def check_world_size(clients_per_round: int | None, world_size: int) -> None:
 
 
 def degenerate_aggregator(aggregator: Any, clients_per_round: int | None) -> str | None:
-    """The aggregator's explanation of why it is a no-op for rounds of ``clients_per_round``, or ``None``."""
+    """The aggregator's explanation of why it is a no-op for rounds of ``clients_per_round`` (or too
+    small a round for its guarantee, for the rules that assume ``num_byzantine``), or ``None``."""
     reason = getattr(aggregator, "degenerate_reason", None)
     if clients_per_round is None or reason is None:
         return None

@@ -68,6 +68,12 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"Expected `{name}` to be a finite number > 0, got {value!r}")
 
 
+def _check_count(name: str, value: object, minimum: int) -> None:
+    """Raise unless ``value`` is an ``int`` (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, got {value!r}")
+
+
 def _first(updates: Mapping[str, Tensor]) -> Tensor:
     """The first parameter's stacked uploads; ``updates`` must hold at least one parameter."""
     if not updates:
@@ -178,8 +184,7 @@ def bucket_means(updates: Mapping[str, Tensor], bucket_size: int) -> Params:
     """Means of consecutive groups of ``bucket_size`` clients, ``[⌈m / bucket_size⌉, *shape]`` per
     parameter (Karimireddy et al., 2022); the last group holds the remaining ``m mod bucket_size``
     clients when that is not zero. A robust rule is then applied to these means."""
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-        raise ValueError(f"Expected `bucket_size` to be an integer >= 1, got {bucket_size!r}")
+    _check_count("bucket_size", bucket_size, 1)
     return {
         name: torch.stack([b.mean(0) for b in torch.split(u, bucket_size, dim=0)]) for name, u in updates.items()
     }
@@ -238,8 +243,7 @@ def _flat(updates: Mapping[str, Tensor]) -> Tensor:
 
 
 def _check_byzantine(num_byzantine: int) -> None:
-    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
-        raise ValueError(f"Expected `num_byzantine` to be an integer >= 0, got {num_byzantine!r}")
+    _check_count("num_byzantine", num_byzantine, 0)
 
 
 def krum_scores(updates: Mapping[str, Tensor], num_byzantine: int) -> Tensor:
@@ -247,14 +251,24 @@ def krum_scores(updates: Mapping[str, Tensor], num_byzantine: int) -> Tensor:
     (over all parameters together) to its ``k = m − f − 2`` nearest other clients, ``f =
     num_byzantine``; ``k`` is clamped to ``[1, m − 1]`` in rounds too small for ``f``."""
     _check_byzantine(num_byzantine)
-    m = _num_clients(updates)
+    _num_clients(updates)
+    return _scores(_squared_distances(updates), num_byzantine)
+
+
+def _squared_distances(updates: Mapping[str, Tensor]) -> Tensor:
+    """``[m, m]`` float64 squared distances between clients, exact, one ``[m, numel]`` at a time."""
+    flat = _flat(updates)
+    return torch.stack([(flat - row).pow(2).sum(1) for row in flat])
+
+
+def _scores(dist: Tensor, num_byzantine: int) -> Tensor:
+    """Krum scores from the squared distances ``[m, m]`` of the clients being scored."""
+    m = dist.shape[0]
     if m == 1:
         return torch.zeros(1, dtype=torch.float64)
-    flat = _flat(updates)
-    dist = torch.stack([(flat - row).pow(2).sum(1) for row in flat])  # exact, one [m, numel] at a time
-    dist.fill_diagonal_(math.inf)
     k = min(max(m - num_byzantine - 2, 1), m - 1)
-    return torch.sort(dist, dim=1).values[:, :k].sum(1)
+    others = dist + torch.diag(torch.full((m,), math.inf, dtype=dist.dtype))
+    return torch.sort(others, dim=1).values[:, :k].sum(1)
 
 
 def _rows(updates: Mapping[str, Tensor], index: Tensor) -> Params:
@@ -275,8 +289,7 @@ def krum(updates: Mapping[str, Tensor], num_byzantine: int) -> Params:
 def multi_krum(updates: Mapping[str, Tensor], num_byzantine: int, keep: int) -> Params:
     """Mean of the ``keep`` client updates with the lowest :func:`krum_scores`, the scores computed
     once over all ``m`` clients (Blanchard et al., 2017); ``keep >= m`` is the plain mean."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"Expected `keep` to be an integer >= 1, got {keep!r}")
+    _check_count("keep", keep, 1)
     chosen = _lowest(krum_scores(updates, num_byzantine), keep)
     return {name: u.mean(0) for name, u in _rows(updates, chosen).items()}
 
@@ -295,10 +308,11 @@ def bulyan(updates: Mapping[str, Tensor], num_byzantine: int) -> Params:
     _check_byzantine(num_byzantine)
     theta = max(1, m - 2 * num_byzantine)
     beta = max(1, theta - 2 * num_byzantine)
+    dist = _squared_distances(updates)  # once; each selection scores a sub-matrix
     remaining = torch.arange(m)
     selected = []
     for _ in range(theta):
-        best = int(_lowest(krum_scores(_rows(updates, remaining), num_byzantine), 1))
+        best = int(_lowest(_scores(dist[remaining][:, remaining], num_byzantine), 1))
         selected.append(int(remaining[best]))
         remaining = torch.cat([remaining[:best], remaining[best + 1 :]])
     chosen = _rows(updates, torch.tensor(selected))
@@ -319,8 +333,7 @@ def centered_clip(updates: Mapping[str, Tensor], tau: float, iterations: int, ce
     moves ``v`` by at most ``τ / m`` per iteration, however large its update.
     """
     _check_positive("tau", tau)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"Expected `iterations` to be an integer >= 1, got {iterations!r}")
+    _check_count("iterations", iterations, 1)
     _num_clients(updates)
     v = {name: center[name].to(u.device, u.dtype) for name, u in updates.items()}
     for _ in range(iterations):

@@ -133,8 +133,10 @@ class PrivacyLedger:
     """The privacy spent by client-level DP (an Opacus accountant, one step per round, skipped
     rounds included), the sampling rate ``q`` and the fit's noise seed. Logged as ``privacy/*``.
 
-    The checkpoint holds the accountant's history only: a drawn noise seed is never written
-    anywhere, or whoever reads the checkpoint could regenerate and subtract the noise.
+    Under adaptive clipping it also holds the current clip norm (``clip_norm``; checkpointed, logged
+    as ``privacy/clip_norm``). The checkpoint holds the accountant's history (and that clip norm)
+    only: a drawn noise seed is never written anywhere, or whoever reads the checkpoint could
+    regenerate and subtract the noise.
     """
 
     key = "metafed_privacy"
@@ -160,6 +162,9 @@ class PrivacyLedger:
     def resolve_sample_rate(self, datamodule: Any) -> float:
         """``q``: ``privacy.sample_rate``, else clients per round / train clients of ``datamodule``."""
         if self.sample_rate is not None:
+            per_round = getattr(datamodule, "clients_per_round", None)
+            if per_round is not None:
+                self.privacy.sum_noise_multiplier(per_round)  # adaptive clipping: σ_b must leave noise for the sum
             return self.sample_rate
         from lightning_metafed.data.datamodule import FederatedDataModule
 
@@ -225,7 +230,8 @@ class PrivacyLedger:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
-        self.clip_norm = state.get("clip_norm", self.privacy.clip_norm)
+        # A fixed-clipping config resumed from an adaptive checkpoint clips at its own, configured norm.
+        self.clip_norm = state.get("clip_norm", self.privacy.clip_norm) if self.privacy.adaptive else self.privacy.clip_norm
 
 
 class RoundLedgers:

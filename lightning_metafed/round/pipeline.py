@@ -170,7 +170,8 @@ class Aggregation:
         dp, clip = self.privacy, self.privacy.clip_norm if self.clip_norm is None else self.clip_norm
         aggregate, norms = dp.aggregate(uploads.updates, counts.sampled, self.noise_seed, round_idx, clip)
         clipped = int((norms > clip).sum())
-        following = dp.next_clip_norm(clip, uploads.num_clients - clipped, counts.sampled, self.noise_seed, round_idx)
+        unclipped = uploads.num_clients - clipped
+        following = dp.next_clip_norm(clip, unclipped, uploads.num_clients, counts.sampled, self.noise_seed, round_idx)
         return aggregate, replace(counts, clipped=clipped, next_clip_norm=following)
 
 

@@ -35,7 +35,8 @@ def logged(path, column: str) -> list[float]:
 
 def test_clip_norm_sequence_of_a_fit_equals_the_papers_update_replayed_by_hand(tmp_path):
     """Server lr 0 keeps the parameters fixed, so every round's uploads can be recomputed: each
-    round's next clip norm is C·exp(−η((#{‖Δ_i‖ <= C} + N(0, σ_b²)) / m − γ)), σ_b = 1."""
+    round's next clip norm is C·exp(−η(b̃ − γ)), b̃ = clamp((Σ_i (1[‖Δ_i‖ <= C] − ½) + N(0, σ_b²)) / m + ½),
+    σ_b = 1."""
     rounds = 8
     dp = adaptive(clip_norm=0.2, clip_lr=1.0)
     model = lm.MAML(mlp().float(), inner_optimizer=SGD(lr=0.05), privacy=dp, server_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
@@ -50,7 +51,8 @@ def test_clip_norm_sequence_of_a_fit_equals_the_papers_update_replayed_by_hand(t
         norms = update_norms(reference.client_updates(batch))
         unclipped = int((norms <= c).sum())
         noise = 1.0 * float(torch.randn((), generator=generator(3, CLIP_COUNT, r), dtype=torch.float64))
-        c = c * math.exp(-1.0 * ((unclipped + noise) / 5 - 0.5))
+        fraction = min(1.0, max(0.0, (unclipped - 5 / 2 + noise) / 5 + 0.5))  # centred count, clamped
+        c = c * math.exp(-1.0 * (fraction - 0.5))
         expected.append(c)
         unclipped_counts.append(unclipped)
     assert len(expected) == rounds
@@ -77,6 +79,8 @@ def test_adaptive_clipping_spends_the_privacy_of_its_noise_multiplier_and_says_s
     assert "adaptive clip norm 0.05 →" in out and "target quantile 0.5" in out
 
 
+# The resumed fit needs no checkpoint callback of its own; Lightning's reminder about it is expected.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
 def test_resume_continues_the_adaptive_clip_norm_exactly(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -109,3 +113,27 @@ def test_adaptive_clipping_errors_are_clear_before_training():
     with pytest.raises(ValueError, match="`count_stddev` > noise_multiplier / 2 = 0.5.*got 0.25"):
         quiet_trainer(max_epochs=1).fit(model, datamodule=data(2))
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+
+
+def test_the_released_count_is_centred_so_one_client_moves_it_by_a_half():
+    """b̃ = (Σ_survivors (b_i − ½) + noise) / sampled + ½: adding an unclipped client moves the
+    statistic by +½ / sampled, a clipped one by −½ (the sensitivity ½ behind z_Δ's 2σ_b)."""
+    dp = ClientDP(noise_multiplier=0.0, target_quantile=0.3, clip_lr=0.5)  # no noise: the exact statistic
+
+    def fraction(unclipped: int, survivors: int, sampled: int = 10) -> float:
+        return math.log(dp.next_clip_norm(1.0, unclipped, survivors, sampled, seed=0, round_idx=0)) / -0.5 + 0.3
+
+    assert fraction(4, 6) == pytest.approx((4 - 3) / 10 + 0.5)  # 6 of 10 survived, 4 unclipped
+    assert fraction(5, 7) - fraction(4, 6) == pytest.approx(0.5 / 10)  # one more, unclipped
+    assert fraction(4, 7) - fraction(4, 6) == pytest.approx(-0.5 / 10)  # one more, clipped
+    assert fraction(3, 10) == pytest.approx(0.3)  # nobody dropped: the plain fraction
+
+
+def test_the_noisy_fraction_is_clamped_to_the_unit_interval():
+    """With huge count noise b̃ hits 0 and 1: the clip norm moves by at most exp(η·γ) up and
+    exp(η·(1 − γ)) down per round."""
+    dp = ClientDP(noise_multiplier=1.0, target_quantile=0.2, clip_lr=0.5, count_stddev=1e6)
+    ratios = torch.tensor([dp.next_clip_norm(1.0, 5, 10, 10, seed=1, round_idx=r) for r in range(200)], dtype=torch.float64)
+    up, down = math.exp(0.5 * 0.2), math.exp(-0.5 * 0.8)
+    assert float(ratios.max()) == pytest.approx(up) and float(ratios.min()) == pytest.approx(down)
+    assert bool(((ratios == ratios.max()) | (ratios == ratios.min())).all())  # every draw is far outside [0, 1]

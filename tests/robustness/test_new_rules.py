@@ -312,17 +312,17 @@ def _implied_fractions(
     dp: ClientDP, lr: float, gamma: float, clip: float, unclipped: int, sampled: int, rounds: int, seed: int = 0
 ) -> np.ndarray:
     """b̃ = (log C_next - log C)/(-lr) + γ for each round: the noisy unclipped fraction the update used."""
-    nxt = [dp.next_clip_norm(clip, unclipped, sampled, seed=seed, round_idx=r) for r in range(rounds)]
+    nxt = [dp.next_clip_norm(clip, unclipped, sampled, sampled, seed=seed, round_idx=r) for r in range(rounds)]
     return (np.log(np.array(nxt)) - math.log(clip)) / (-lr) + gamma
 
 
 def test_fixed_clipping_keeps_the_clip_norm_and_a_noiseless_count_gives_the_exact_update():
-    assert ClientDP(clip_norm=1.0).next_clip_norm(0.7, 3, 10, seed=0, round_idx=4) == 0.7
+    assert ClientDP(clip_norm=1.0).next_clip_norm(0.7, 3, 10, 10, seed=0, round_idx=4) == 0.7
     # count_stddev 1e-9 (with no noise on the sum): C·exp(-lr·(unclipped/sampled - γ)) up to ~1e-10.
     # Catches the fraction of *clipped* clients ((10 - 3)/10) and the opposite sign.
     dp = ClientDP(clip_norm=1.0, noise_multiplier=0.0, target_quantile=0.6, clip_lr=0.3, count_stddev=1e-9)
     expected = 0.7 * math.exp(-0.3 * (3 / 10 - 0.6))
-    assert dp.next_clip_norm(0.7, 3, 10, seed=0, round_idx=4) == pytest.approx(expected, rel=1e-8)
+    assert dp.next_clip_norm(0.7, 3, 10, 10, seed=0, round_idx=4) == pytest.approx(expected, rel=1e-8)
 
 
 def test_next_clip_norm_counts_with_default_noise_sampled_over_20():
@@ -336,14 +336,15 @@ def test_next_clip_norm_counts_with_default_noise_sampled_over_20():
 
 
 def test_next_clip_norm_uses_count_stddev_and_is_a_pure_function_of_seed_and_round():
-    dp = ClientDP(clip_norm=2.0, noise_multiplier=1.0, target_quantile=0.3, clip_lr=0.5, count_stddev=3.0)
-    fractions = _implied_fractions(dp, 0.5, 0.3, 1.5, 4, 10, rounds=2000, seed=9)  # mean 0.4, std 3/10
-    assert abs(fractions.mean() - 0.4) < 5 * 0.3 / math.sqrt(2000)
-    assert fractions.std(ddof=1) == pytest.approx(0.3, rel=0.08)
-    first = dp.next_clip_norm(1.5, 4, 10, seed=9, round_idx=17)
-    assert dp.next_clip_norm(1.5, 4, 10, seed=9, round_idx=17) == first
-    assert dp.next_clip_norm(1.5, 4, 10, seed=9, round_idx=18) != first
-    assert dp.next_clip_norm(1.5, 4, 10, seed=10, round_idx=17) != first
+    # std 1/10 keeps b̃ = 0.4 ± 0.1 four standard deviations inside [0, 1], where it is clamped
+    dp = ClientDP(clip_norm=2.0, noise_multiplier=1.0, target_quantile=0.3, clip_lr=0.5, count_stddev=1.0)
+    fractions = _implied_fractions(dp, 0.5, 0.3, 1.5, 4, 10, rounds=2000, seed=9)  # mean 0.4, std 1/10
+    assert abs(fractions.mean() - 0.4) < 5 * 0.1 / math.sqrt(2000)
+    assert fractions.std(ddof=1) == pytest.approx(0.1, rel=0.08)
+    first = dp.next_clip_norm(1.5, 4, 10, 10, seed=9, round_idx=17)
+    assert dp.next_clip_norm(1.5, 4, 10, 10, seed=9, round_idx=17) == first
+    assert dp.next_clip_norm(1.5, 4, 10, 10, seed=9, round_idx=18) != first
+    assert dp.next_clip_norm(1.5, 4, 10, 10, seed=10, round_idx=17) != first
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ that, plus the float32 roundings of either run (:func:`step_tolerance`).
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +23,9 @@ import torch
 import yaml
 
 pytest.importorskip("flwr")
+# The DP tests fix ClientDP's seed to compare with hand computations; a deployment warns about that
+# (every client could regenerate the noise), which test_dp_deployment_refusals_and_warnings checks.
+pytestmark = pytest.mark.filterwarnings("ignore:`privacy.seed` = 7 is fixed:UserWarning")
 
 from lightning_metafed import flower_secure, flower_server  # noqa: E402
 from lightning_metafed.flower import load_from_config, simulate  # noqa: E402
@@ -228,15 +233,19 @@ def test_a_nonfinite_client_refuses_to_upload_and_counts_as_a_dropout(sgd_config
     assert all(torch.isfinite(p).all() for p in result["parameters"].values())
 
 
-def test_a_client_refuses_a_coordinate_beyond_the_clipping_range(sgd_config):
+def test_a_client_refuses_a_coordinate_beyond_the_clipping_range(sgd_config, caplog):
+    """The error (which Flower forwards to the server) names no value of the update; the client's
+    own log names the parameter and the magnitude."""
     from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
     model, data = load_from_config(sgd_config)
     arrays = [p.detach().numpy() for _, p in model.named_parameters()]
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), {"round": 0, "clipping-range": 1e-4}), True)
-    with pytest.raises(ValueError, match=r"Client 3's upload 'net\.\d\.(weight|bias)' has a coordinate of magnitude .* beyond .*`clipping-range` = 0\.0001"):
+    with pytest.raises(ValueError, match=r"Client 3's upload has a coordinate beyond .*`clipping-range` = 0\.0001") as error:
         flower_secure.secure_fit(model, data, 3, content)
+    assert "net." not in str(error.value) and "magnitude" not in str(error.value)
+    assert re.search(r"client 3: upload 'net\.\d\.(weight|bias)' has a coordinate of magnitude [\d.]+ > clipping-range 0.0001", caplog.text)
 
 
 def test_secure_aggregation_refuses_what_it_cannot_compute(tmp_path):
@@ -310,18 +319,24 @@ def test_server_side_dp_equals_the_hand_computation(dp_config, dp_in_the_clear):
 
 def test_dp_with_secure_aggregation_equals_dp_in_the_clear(dp_config, dp_in_the_clear, recorder):
     """The clients clip to the server's clip norm, SecAgg+ sums, the server adds the same seeded
-    noise: each round is (Σ clip(Δ_i) + noise)/3 within the quantization bound, the run equals
-    server-side DP within it, and the server prints ε (Opacus's) each round and the summary."""
+    noise, calibrated to the clip norm plus what quantization can add to a clipped upload's norm
+    (√d·2c/Q): each round is (Σ clip(Δ_i) + noise·(C + √d·2c/Q)/C)/3 within the quantization bound,
+    the run equals server-side DP within that bound plus the noise's extra scale, and the server
+    prints ε (Opacus's) each round and the summary."""
     secure = SecureAggregation(clipping_range=1.0)  # clipped coordinates are at most C = 0.5
     result, _, lines = run_in_process(run_config(dp_config, 2, 3, **{"clipping-range": 1.0}), [0, 1, 2])
     privacy, bound = load_from_config(dp_config)[0].privacy, secure.sum_error_bound(3) / 3
+    extra, noise_peak = 0.0, 0.0
     for r, aggregate in enumerate(recorder["aggregates"]):
         clipped, _ = privacy.clip({k: torch.stack([recorder["updates"][p][r][k] for p in range(3)]) for k in aggregate})
         noise = privacy.noise(aggregate, DP["seed"], r)
-        expected = {k: (clipped[k].sum(0) + noise[k]) / 3 for k in aggregate}
+        scale = 1 + math.sqrt(sum(v.numel() for v in aggregate.values())) * secure.step() / DP["clip_norm"]
+        expected = {k: (clipped[k].sum(0) + noise[k] * scale) / 3 for k in aggregate}
         assert max_error(aggregate, expected) <= bound + EPS32 * DP["clip_norm"]  # + the clients' float32 clipping
+        extra, noise_peak = scale - 1, max(noise_peak, peak(noise))
     clear = dp_in_the_clear["parameters"]
-    tolerance = 2 * step_tolerance(bound + EPS32 * DP["clip_norm"], peak(recorder["aggregates"]) + bound, peak(clear))
+    mean_bound = bound + EPS32 * DP["clip_norm"] + extra * noise_peak / 3  # the secure run's noise is `extra` larger
+    tolerance = 2 * step_tolerance(mean_bound, peak(recorder["aggregates"]) + bound, peak(clear))
     assert max_error(result["parameters"], clear) <= tolerance
     assert [h["privacy/epsilon"] for h in result["history"]] == pytest.approx(opacus_epsilons(2), rel=1e-12)
     assert "privacy/epsilon=" in lines[0] and lines[-1] == result["privacy"] and result["privacy"].startswith("Privacy: client-level (")
@@ -338,7 +353,7 @@ def test_adaptive_clipping_under_secure_aggregation_follows_the_papers_clip_norm
     expected, clip = [], ADAPTIVE["clip_norm"]
     for r in range(rounds):
         norms = [float(torch.cat([u.flatten() for u in recorder["updates"][p][r].values()]).norm()) for p in range(3)]
-        clip = privacy.next_clip_norm(clip, sum(n <= clip for n in norms), 3, ADAPTIVE["seed"], r)
+        clip = privacy.next_clip_norm(clip, sum(n <= clip for n in norms), 3, 3, ADAPTIVE["seed"], r)
         expected.append(clip)
     served = [h["privacy/clip_norm"] for h in result["history"]]
     assert served == pytest.approx(expected, rel=1e-12) and len(set(served)) == rounds  # it does adapt
@@ -346,3 +361,19 @@ def test_adaptive_clipping_under_secure_aggregation_follows_the_papers_clip_norm
     assert served == pytest.approx(clear, rel=1e-12)
     names = [dict(r.content.config_records["fitres.metrics"]) for r in grid.received if "fitres.metrics" in r.content.config_records]
     assert all(set(m) == {"arrays"} and m["arrays"].endswith(",:unclipped") for m in names)
+
+
+def test_dp_deployment_refusals_and_warnings(tmp_path, dp_in_the_clear):
+    """Every node trains every round, so a sampling rate below 1 (amplification that never happens)
+    is refused; a fixed noise seed is warned about; a fixed clip norm above `clipping-range` is
+    refused under SecAgg; and the exact count of clipped clients is never printed."""
+    sampled = {"class_path": "lightning_metafed.privacy.ClientDP", "init_args": {**DP, "sample_rate": 0.1}}
+    model, _ = load_from_config(write_config(tmp_path / "rate.yaml", privacy=sampled))
+    with pytest.raises(ValueError, match=r"`privacy.sample_rate` to be None or 1 on Flower.*got 0.1"):
+        flower_server.FlowerServer(model, 3)
+    model, _ = load_from_config(write_config(tmp_path / "seed.yaml", privacy={"class_path": "lightning_metafed.privacy.ClientDP", "init_args": DP}))
+    with pytest.warns(UserWarning, match=r"`privacy.seed` = 7 is fixed: every client .* could regenerate"):
+        flower_server.FlowerServer(model, 3)
+    with pytest.raises(ValueError, match=r"`privacy.clip_norm` <= `clipping-range` = 0.25.*got 0.5"):
+        flower_server.FlowerServer(model, 3, secure=SecureAggregation(clipping_range=0.25))
+    assert all("privacy/clipped" not in h and "privacy/epsilon" in h for h in dp_in_the_clear["history"])
