@@ -86,8 +86,8 @@ class ClientDP(ConfigObject):
         target_quantile: ``γ`` in ``(0, 1)``: adapt the clip norm each round towards the ``γ``
             quantile of the clients' update norms (adaptive clipping). ``None``: fixed ``clip_norm``.
         clip_lr: ``η``, the step of the geometric clip-norm update (the paper's default 0.2).
-        count_stddev: ``σ_b``, the noise on the count of unclipped clients; default: sampled clients
-            / 20 (the paper's choice). Must exceed ``noise_multiplier / 2``.
+        count_stddev: ``σ_b``, the noise on the centred count of unclipped clients; default: sampled
+            clients / 20 (the paper's choice). Must exceed ``noise_multiplier / 2``.
     """
 
     # Class-level defaults: a ClientDP pickled before adaptive clipping existed reads back as fixed clipping.
