@@ -18,11 +18,7 @@ seeds, so it is an optimistic reference), and the adaptive runs' final clip norm
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import statistics
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import lightning.pytorch as pl
@@ -33,6 +29,7 @@ from lightning_metafed.data import SyntheticClients
 from lightning_metafed.inner import SGD
 from lightning_metafed.nets import MLP
 from lightning_metafed.privacy import ClientDP
+from common import fit_and_test
 
 FIXED = (0.03, 0.1, 0.3, 1.0, 3.0)
 #: The target quantile and the clip norm's learning rate chosen by ``--tune`` (seed 100).
@@ -61,16 +58,7 @@ def run(
         MLP(60, [20], 10), task="classification", inner_optimizer=SGD(lr=0.05), inner_steps=1, first_order=True,
         server_optimizer=lambda p: torch.optim.SGD(p, lr=1.0), privacy=privacy,
     )
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        trainer.fit(model, datamodule=data)
-        acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc_post"])
-    return acc, model.privacy_spent(), model.ledgers.privacy.clip_norm
+    return fit_and_test(model, data), model.privacy_spent(), model.ledgers.privacy.clip_norm
 
 
 def _job(args: tuple) -> tuple[float, float, float]:

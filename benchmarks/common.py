@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -110,3 +115,16 @@ def higher_loop_grads(net, batch, alpha, steps):
 def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
+
+def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule) -> float:
+    """One quiet CPU fit of ``data``'s rounds (no logger, checkpoints or validation), then the
+    post-adaptation test accuracy ``test/acc_post`` of the fitted ``model``."""
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        trainer.fit(model, datamodule=data)
+        return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc_post"])

@@ -17,11 +17,8 @@ mean over the clean run and the ×10 sign flip on seed 100, a seed no table row 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import statistics
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import lightning.pytorch as pl
@@ -43,6 +40,7 @@ from lightning_metafed.data import SyntheticClients
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.inner import SGD
 from lightning_metafed.nets import MLP
+from common import fit_and_test
 
 #: CenteredClip's radius, from ``--tune-tau`` (seed 100).
 TAU = 1.0
@@ -87,14 +85,7 @@ def run(
         MLP(60, [20], 10), task="classification", inner_optimizer=SGD(lr=0.05), inner_steps=1, first_order=True,
         server_optimizer=lambda p: torch.optim.Adam(p, lr=0.01), aggregator=make_aggregator(aggregator, tau), faults=faults,
     )
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        trainer.fit(model, datamodule=data)
-        return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc_post"])
+    return fit_and_test(model, data)
 
 
 def make_aggregator(name: str, tau: float | None = None):
@@ -106,7 +97,6 @@ def make_aggregator(name: str, tau: float | None = None):
 
 
 def _job(args: tuple) -> float:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     return run(*args[:5], rounds=args[5], tau=args[6])
 
