@@ -18,6 +18,7 @@ seeds, so it is an optimistic reference), and the adaptive runs' final clip norm
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 
@@ -62,6 +63,7 @@ def run(
 
 
 def _job(args: tuple) -> tuple[float, float, float]:
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # in the worker process only
     return run(*args)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 import statistics
 import time
@@ -118,13 +117,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule) -> float:
     """One quiet CPU fit of ``data``'s rounds (no logger, checkpoints or validation), then the
-    post-adaptation test accuracy ``test/acc_post`` of the fitted ``model``."""
+    post-adaptation test accuracy ``test/acc_post`` of the fitted ``model``. Lightning's log level is
+    left alone (it is process-wide: the scripts' worker processes lower it themselves)."""
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         trainer.fit(model, datamodule=data)
         return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc_post"])

@@ -97,6 +97,7 @@ def make_aggregator(name: str, tau: float | None = None):
 
 
 def _job(args: tuple) -> float:
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     return run(*args[:5], rounds=args[5], tau=args[6])
 
