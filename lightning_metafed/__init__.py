@@ -1,6 +1,6 @@
 """lightning-metafed: federated meta-learning for PyTorch Lightning."""
 
-from lightning_metafed import aggregators, faults, functional, inner, privacy
+from lightning_metafed import aggregators, compression, faults, functional, inner, privacy
 from lightning_metafed.aggregators import (
     Aggregator,
     CoordinateMedian,
@@ -66,6 +66,7 @@ __all__ = [
     "ResumeCheck",
     "TaskBatch",
     "aggregators",
+    "compression",
     "functional",
     "inner",
     "__version__",

@@ -26,6 +26,9 @@ node's ``context.state`` (a record the SuperNode holds locally and never sends):
 and :func:`node_evaluate` restore it into the store before a message and keep it after.
 :func:`simulate` keeps one module (and one such record) per partition for the whole run.
 
+With the module's ``compressor`` a client sends its update's encoding and keeps its error-feedback
+residual on the node as it keeps a state row (:mod:`lightning_metafed.flower_compression`).
+
 Client-level DP (the module's ``privacy``) runs on the server as in a Lightning round: the server
 clips the clear updates, sums them, adds the noise and accounts for it in a
 :class:`~lightning_metafed.round.PrivacyLedger` (:func:`server_ledger`, :func:`server_update`).
@@ -43,6 +46,7 @@ import torch
 
 from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.datamodule import stack_tasks
+from lightning_metafed.flower_compression import decode_arrays, encode_upload, keep_residual, restore_residual
 from lightning_metafed.functional.aggregate import finite_clients
 from lightning_metafed.round import (
     Aggregation,
@@ -183,9 +187,10 @@ def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int
     updates, aux = _client_round(model, batch)
     weight = float(data.population("train").size(partition))
     metrics = {"partition": partition, "weight": weight, **{k: float(v[0]) for k, v in aux.items()}}
-    return app.RecordDict(
-        {"arrays": app.ArrayRecord(torch_state_dict={k: u[0].detach().cpu() for k, u in updates.items()}), "metrics": app.MetricRecord(metrics)}
-    )
+    arrays = {k: u[0].detach().cpu() for k, u in updates.items()}
+    if model.compressor is not None:  # the encoding crosses the wire (see lightning_metafed.flower_compression)
+        arrays = encode_upload(model, batch, updates, int(content["config"]["round"]))
+    return app.RecordDict({"arrays": app.ArrayRecord(torch_state_dict=arrays), "metrics": app.MetricRecord(metrics)})
 
 
 def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
@@ -232,11 +237,14 @@ def with_node_state(
 ) -> RecordDict:
     """``handler(model, data, partition, content)`` with the client's row restored from the node-local
     ``state`` before and kept there after (the row is never part of the reply)."""
+    key = data.population("train").global_id(partition)
     restore_row(model, data, partition, state)
+    restore_residual(model, key, state)
     reply = handler(model, data, partition, content)
     row = stored_row(model, data, partition)
     if row is not None:
         state[STATE_RECORD] = require_flwr().ArrayRecord(torch_state_dict=row)
+    keep_residual(model, key, state)
     return reply
 
 
@@ -246,14 +254,17 @@ def node_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: in
     return client_evaluate(model, data, partition, content)
 
 
-def replies_to_uploads(replies: Sequence[RecordDict]) -> tuple[Uploads, list[RecordDict]]:
-    """The clients' updates (in partition order) as the round's :class:`~lightning_metafed.round.Uploads`."""
+def replies_to_uploads(replies: Sequence[RecordDict], model: MetaFedModule | None = None) -> tuple[Uploads, list[RecordDict]]:
+    """The clients' updates (in partition order) as the round's :class:`~lightning_metafed.round.Uploads`,
+    decoded with ``model``'s ``compressor`` when it has one (the upload size is the encoded one)."""
     replies = sorted(replies, key=lambda r: int(r["metrics"]["partition"]))
     states = [r["arrays"].to_torch_state_dict() for r in replies]
+    upload = payload_bytes(states[0])
+    if model is not None and model.compressor is not None:
+        states = [decode_arrays(model.compressor, s, dict(model.named_parameters())) for s in states]
     updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
     weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
     partitions = [int(r["metrics"]["partition"]) for r in replies]
-    upload = payload_bytes({k: u[0] for k, u in updates.items()})
     return Uploads(updates, {}, weights, partitions, upload), replies
 
 
@@ -326,7 +337,7 @@ def server_update(
             f"`privacy` ({model.privacy!r}) needs the server's privacy ledger: pass "
             "`ledger=server_ledger(model, num_nodes)`, got ledger=None"
         )
-    uploads, replies = replies_to_uploads(replies)
+    uploads, replies = replies_to_uploads(replies, model)
     counts = RoundCounts(sampled=len(replies) if sampled is None else sampled, survivors=len(replies))
     screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
     aggregation = Aggregation(model.aggregator)
@@ -352,7 +363,8 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
 
     Returns the final parameters, the per-round client metrics (with ``privacy/*`` under DP), the
     evaluation metrics, every message exchanged (to check what crosses the wire), each partition's
-    stored state row (``None`` without per-client state) and the privacy ledger's summary line.
+    stored state row (``None`` without per-client state), each node's ``context.state`` record and
+    the privacy ledger's summary line.
     """
     server_model, _ = load_from_config(config, overrides)
     optimizer = server_optimizer(server_model)
@@ -374,5 +386,6 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
         "evaluation": [dict(e["metrics"]) for e in evaluations],
         "messages": messages,
         "client_state": {p: stored_row(*nodes[p], p) for p in partitions},
+        "node_state": states,
         "privacy": None if ledger is None else ledger.summary(),
     }

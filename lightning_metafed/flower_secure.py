@@ -217,8 +217,15 @@ class SecureAggregation:
 
 def check_secure_module(model: MetaFedModule) -> None:
     """Refuse, before any round, what secure aggregation cannot run: server state for the clients
-    (SCAFFOLD) and any aggregator other than :class:`~lightning_metafed.aggregators.Mean`."""
+    (SCAFFOLD), a ``compressor`` and any aggregator other than :class:`~lightning_metafed.aggregators.Mean`."""
     check_flower_module(model)
+    if model.compressor is not None:
+        raise ValueError(
+            f"Expected `compressor` to be None under secure aggregation, got {model.compressor!r}: SecAgg+ sums dense "
+            "masked vectors (it quantizes them itself, see `quantization-range`), so sparse or scaled encodings cannot "
+            "be summed, and a client's clip norm would not bound its decoded upload; remove `compressor` or turn "
+            "`secure-aggregation` off"
+        )
     if not isinstance(model.aggregator, Mean):
         raise ValueError(
             f"Expected `aggregator` to be lightning_metafed.aggregators.Mean() under secure aggregation, got "

@@ -34,3 +34,21 @@ def test_benchmark_script_runs(script, args, expect):
         assert max_grad_diff < 1e-5  # every implementation computes the same meta-gradient
     if script == "versus_revision.py":
         assert float(result.stdout.strip().splitlines()[-1].split("|")[-1]) < 1e-6  # both versions aggregate alike
+
+
+def test_compression_benchmark_smoke(tmp_path):
+    """Three rounds of MAML on digits, uncompressed and with top-k: the table names both, the
+    compressed run uploads the encoded bytes (13× fewer than float32 for this net at 5 %)."""
+    out = tmp_path / "results.json"
+    args = ["--smoke", "--seeds", "0", "--benchmarks", "digits_shards", "--algorithms", "maml", "--compressors", "topk",
+            "--workers", "1", "--out", str(out)]
+    result = subprocess.run([sys.executable, str(BENCH / "compression.py"), *args], capture_output=True, text=True, timeout=300, cwd=BENCH)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "float32 (none)" in result.stdout and "TopK(5 %) + EF" in result.stdout
+    import json
+
+    runs = {r["compressor"]: r for r in json.loads(out.read_text())["runs"]}
+    # MLP 64-64-10: per parameter k = ceil(0.05 n) values (4 bytes) + int16 indices; 3 rounds of 8 clients
+    encoded = sum(6 * -(-n * 5 // 100) for n in (64 * 64, 64, 64 * 10, 10))
+    assert round(runs["topk"]["upload_mb"] * 1e6) == 3 * 8 * encoded
+    assert round(runs["none"]["upload_mb"] * 1e6) == 3 * 8 * 4 * (64 * 64 + 64 + 64 * 10 + 10)

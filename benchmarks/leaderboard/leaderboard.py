@@ -180,6 +180,7 @@ def run_row(job: Job) -> dict[str, Any]:
     return {
         "benchmark": job.benchmark, "algorithm": job.algorithm, "seed": job.seed, "rounds": cli.trainer.global_step,
         "ms_per_round": 1000 * seconds / rounds, "mb_per_round": (comm["download_bytes"] + comm["upload_bytes"]) / 1e6 / rounds,
+        "upload_mb": comm["upload_bytes"] / 1e6,
         "error": error, "validation": validation, "tests": tests,
     }
 

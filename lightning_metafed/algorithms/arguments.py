@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_metafed._validation import check_int
 from lightning_metafed.aggregators import Aggregator, Mean
+from lightning_metafed.compression import Compressor
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.adapt import select_params
@@ -55,6 +56,7 @@ def check_common_arguments(
     aggregator: Any,
     faults: Any,
     privacy: Any,
+    compressor: Any = None,
 ) -> None:
     """``ValueError`` naming the first argument that is out of range or of the wrong type."""
     check_int("inner_steps", inner_steps, minimum=0)
@@ -72,6 +74,7 @@ def check_common_arguments(
     _check_type("aggregator", aggregator, Aggregator, "lightning_metafed.aggregators.Aggregator")
     _check_type("faults", faults, ClientFaults, "lightning_metafed.faults.ClientFaults")
     _check_type("privacy", privacy, ClientDP, "lightning_metafed.privacy.ClientDP")
+    _check_type("compressor", compressor, Compressor, "lightning_metafed.compression.Compressor (BF16, QSGD, TopK, RandK, SignSGD)")
     if privacy is not None and not isinstance(aggregator, Mean):
         raise ValueError(
             f"`privacy` ({privacy!r}) aggregates by clipping, summing and adding noise, so `aggregator` must be "

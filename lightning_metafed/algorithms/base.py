@@ -36,6 +36,7 @@ from lightning_metafed.algorithms.trainer_access import (
     is_logging_step,
     round_world,
 )
+from lightning_metafed.compression import Compressor
 from lightning_metafed.data.task_batch import TaskBatch
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.adapt import iterate_adaptation
@@ -44,7 +45,7 @@ from lightning_metafed.functional.losses import accuracy, cross_entropy_loss, ms
 from lightning_metafed.inner import SGD, InnerOptimizer
 from lightning_metafed.privacy import ClientDP
 from lightning_metafed.resume import ResumeCheck
-from lightning_metafed.round import Aggregation, ClientComputation, ClientRunner, ClientStateStore, RoundLedgers
+from lightning_metafed.round import Aggregation, ClientComputation, ClientRunner, ClientStateStore, ResidualStore, RoundLedgers, UploadCompression
 from lightning_metafed.round import NonFiniteRoundError, RoundPipeline, RoundResult, UploadScreen, server_step, write_gradients
 
 __all__ = ["MetaFedModule", "check_norm_layers", "resolve_adapt_names"]
@@ -116,6 +117,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         privacy: ClientDP | None = None,
         reject_nonfinite: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        compressor: Compressor | None = None,
     ):
         super().__init__()
         # `net` is saved in the state dict; the optimizer callables are code, not data (the CLI config keeps them).
@@ -123,7 +125,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         self.automatic_optimization = False
         inner_optimizer = SGD(lr=0.01) if inner_optimizer is None else inner_optimizer
         aggregator = Mean() if aggregator is None else aggregator
-        check_common_arguments(inner_steps, eval_inner_steps, task, client_chunk_size, inner_optimizer, aggregator, faults, privacy)
+        check_common_arguments(inner_steps, eval_inner_steps, task, client_chunk_size, inner_optimizer, aggregator, faults, privacy, compressor)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Expected `on_nonfinite` to be 'raise' or 'skip', got {on_nonfinite!r}")
         self.backend = make_backend(inner_backend)
@@ -142,6 +144,9 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         self.privacy = privacy
         self.reject_nonfinite = bool(reject_nonfinite)
         self.on_nonfinite = on_nonfinite
+        self.compressor = compressor
+        #: Error-feedback residuals by client id (with a compressor's ``error_feedback``; checkpointed).
+        self.upload_residuals = ResidualStore() if compressor is not None and compressor.error_feedback else None
         vectorized = vectorize and self.backend.vectorizable
         self.runner = ClientRunner(type(self).__name__, vectorized, client_chunk_size, compile_clients, rank_zero_warn)
         self.ledgers = RoundLedgers(faults, self.reject_nonfinite, privacy)
@@ -273,7 +278,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
     def _use_fast_path(self) -> bool:
         explicit = self.privacy is not None or (self.faults is not None and self.faults.byzantine_fraction > 0)
         fast = self.fast_path and self.aggregator.is_mean and self.client_objective is not None
-        return fast and not explicit and self.client_state is None
+        return fast and not explicit and self.client_state is None and self.compressor is None
 
     def round_pipeline(self) -> RoundPipeline:
         """The stages of this module's round (see :mod:`lightning_metafed.round.pipeline`)."""
@@ -291,6 +296,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             fast_path=self._use_fast_path(),
             loss_scale=1.0 if scaler is None else float(scaler.get_scale()),
             download=self.download_payload(),
+            compression=None if self.compressor is None else UploadCompression(self.compressor, self.upload_residuals),
         )
 
     def run_round(self, batch: TaskBatch) -> RoundResult:
@@ -307,9 +313,15 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         write_gradients(dict(self.named_parameters()), aggregate)
         if aggregate is not None:
             self.after_server_step(result.aggregate)
+        self.write_client_rows(result)
+        return result.aggregate, result.diagnostics
+
+    def write_client_rows(self, result: RoundResult) -> None:
+        """Store the accepted clients' new per-client state and error-feedback residuals."""
         if result.new_state is not None:
             self.client_state.write(result.new_state.client_id, result.new_state.rows)
-        return result.aggregate, result.diagnostics
+        if result.new_residuals is not None:
+            self.upload_residuals.write(result.new_residuals.client_id, result.new_residuals.rows)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -358,8 +370,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         if scheduler is not None:
             scheduler.step()
         self.ledgers.record(result)
-        if result.new_state is not None:
-            self.client_state.write(result.new_state.client_id, result.new_state.rows)
+        self.write_client_rows(result)
         self.log_round(result, batch.num_clients, logging_step, optimizer)
         meta_loss = result.diagnostics.get("query_loss", result.diagnostics.get("support_loss"))
         return meta_loss.detach() if meta_loss is not None else None

@@ -11,13 +11,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_metafed.algorithms.trainer_access import attached_trainer
 from lightning_metafed.round import RoundLedgers, RoundResult
 
-__all__ = ["CHECKPOINT_FORMAT", "CLIENT_STATE_KEY", "LedgerHooks"]
+__all__ = ["CHECKPOINT_FORMAT", "CLIENT_STATE_KEY", "LedgerHooks", "RESIDUALS_KEY"]
 
 #: Layout version of what a module adds to a checkpoint (0: written before the version was recorded;
 #: formats 0 and 1 hold the same keys).
 CHECKPOINT_FORMAT = 1
 #: Where a per-client state store with ``state_dict``/``load_state_dict`` is kept in a checkpoint.
 CLIENT_STATE_KEY = "metafed_client_state"
+#: Where the compressor's error-feedback residuals are kept in a checkpoint.
+RESIDUALS_KEY = "metafed_upload_residuals"
 
 
 class LedgerHooks:
@@ -50,11 +52,15 @@ class LedgerHooks:
             ledger.resolve_sample_rate(self.trainer.datamodule)  # fail before the first round when q is unknown
             ledger.resolve_noise_seed(self.trainer.strategy.broadcast)  # every DDP process adds the same noise
 
+    def _stores(self) -> dict[str, Any]:
+        """The per-client stores a checkpoint holds, by checkpoint key."""
+        stores = {CLIENT_STATE_KEY: getattr(self, "client_state", None), RESIDUALS_KEY: getattr(self, "upload_residuals", None)}
+        return {k: s for k, s in stores.items() if s is not None and hasattr(s, "state_dict")}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.ledgers.state_dict())
-        store = getattr(self, "client_state", None)
-        if store is not None and hasattr(store, "state_dict"):
-            checkpoint[CLIENT_STATE_KEY] = store.state_dict()
+        for key, store in self._stores().items():
+            checkpoint[key] = store.state_dict()
         checkpoint["metafed_format"] = CHECKPOINT_FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -66,12 +72,13 @@ class LedgerHooks:
             )
         if self._fitting():
             self.ledgers.load_state_dict(checkpoint)
-            store = getattr(self, "client_state", None)
-            if store is not None and CLIENT_STATE_KEY in checkpoint:
+            for key, store in self._stores().items():
+                if key not in checkpoint:
+                    continue
                 try:
-                    store.load_state_dict(checkpoint[CLIENT_STATE_KEY])
+                    store.load_state_dict(checkpoint[key])
                 except ValueError as error:
-                    raise ValueError(f"The checkpoint's {CLIENT_STATE_KEY!r} entry: {error}") from error
+                    raise ValueError(f"The checkpoint's {key!r} entry: {error}") from error
         # Else evaluating a checkpoint (e.g. test of the best one after fit) loads its weights only:
         # the run's communication, fault counts and privacy spent so far must not roll back.
 

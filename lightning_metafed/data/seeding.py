@@ -20,7 +20,7 @@ from torch import Tensor
 __all__ = [
     "mix", "generator", "python_rng", "uniform", "hash_state", "extend", "finish", "unit", "unit_tensor",
     "TRAIN", "EVAL", "LOCAL", "POPULATION", "CLIENTS", "DROPOUT", "STEPS", "BYZANTINE", "ATTACK", "PRIVACY",
-    "CLIP_COUNT",
+    "CLIP_COUNT", "COMPRESS",
 ]
 
 _MASK = (1 << 64) - 1
@@ -29,7 +29,7 @@ _START = 0x243F6A8885A308D3
 # Stream tags keep unrelated draws independent even when their other integers coincide.
 TRAIN, EVAL, LOCAL, POPULATION, CLIENTS = 1, 2, 3, 4, 5
 DROPOUT, STEPS, BYZANTINE, ATTACK, PRIVACY = 6, 7, 8, 9, 10
-CLIP_COUNT = 11
+CLIP_COUNT, COMPRESS = 11, 12
 
 
 def _splitmix64(x: int) -> int:

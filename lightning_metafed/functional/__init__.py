@@ -1,5 +1,6 @@
 """Pure-torch core: inner optimizers, adaptation, client-update rules (meta-learning in ``updates``,
-personalization with per-client state in ``personalized``, proximal rules in ``proximal``) and aggregation (no Lightning)."""
+personalization with per-client state in ``personalized``, proximal rules in ``proximal``), aggregation
+and upload compression (``compress``; no Lightning)."""
 
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import (

@@ -38,7 +38,8 @@ class Uploads:
         weights: ``[m]`` aggregation weights, or ``None`` (unweighted).
         client_id: the clients' ids (a ``[m]`` tensor, a sequence, or ``None``).
         state: ``{name: [m, ...]}`` the clients' new per-client state, or ``None``.
-        bytes_per_client: the size of one upload.
+        bytes_per_client: the size of one upload (encoded, when the uploads were compressed).
+        residual: ``{name: [m, ...]}`` the clients' new error-feedback residuals, or ``None``.
     """
 
     updates: Params
@@ -47,6 +48,7 @@ class Uploads:
     client_id: Any
     bytes_per_client: int
     state: Params | None = None
+    residual: Params | None = None
 
     @property
     def num_clients(self) -> int:
@@ -61,7 +63,10 @@ class Uploads:
             ids = [c for c, ok in zip(ids, mask.tolist()) if ok]
         rows = lambda d: None if d is None else {k: v[mask.to(v.device)] for k, v in d.items()}  # noqa: E731
         weights = None if self.weights is None else self.weights[mask.to(self.weights.device)]
-        return replace(self, updates=rows(self.updates), aux=rows(self.aux), weights=weights, client_id=ids, state=rows(self.state))
+        return replace(
+            self, updates=rows(self.updates), aux=rows(self.aux), weights=weights, client_id=ids, state=rows(self.state),
+            residual=rows(self.residual),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """One communication round, server side, as a pipeline of small stages:
 
     sample survivors (faults) → client computation (fast path or uploads, DDP shares)
-      → attack injection and screening → aggregation or DP → RoundResult → server step
+      → compression (clients encode, the server decodes) → attack injection and screening
+      → aggregation or DP → RoundResult → server step
 
 :meth:`RoundPipeline.run` reads top to bottom; each stage is a function or a small frozen object
 with typed inputs and outputs. The round returns a :class:`RoundResult` value; the owner (the
@@ -27,6 +28,7 @@ from lightning_metafed.faults import ClientFaults
 from lightning_metafed.functional.aggregate import finite_clients
 from lightning_metafed.functional.client_task import Aux, Params
 from lightning_metafed.privacy import ClientDP
+from lightning_metafed.round.compression import UploadCompression
 from lightning_metafed.round.computation import ClientComputation, Uploads
 from lightning_metafed.round.server import NonFiniteRoundError, server_step, write_gradients
 
@@ -79,6 +81,8 @@ class RoundResult:
         upload_bytes: what one client sends (its update); ``0`` when nobody uploaded.
         new_state: the accepted clients' new per-client state, for the owner of the store to write
             back; ``None`` without state.
+        new_residuals: the accepted clients' new error-feedback residuals (compression), for the
+            owner of the residual store to write back; ``None`` without error feedback.
     """
 
     aggregate: Params | None
@@ -87,6 +91,7 @@ class RoundResult:
     download_bytes: int
     upload_bytes: int
     new_state: StateRows | None = None
+    new_residuals: StateRows | None = None
 
 
 def sample_survivors(
@@ -206,7 +211,8 @@ class RoundPipeline:
     """The stages of one round. ``fast_path``: use the computation's mean gradient when the
     aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way);
     ``loss_scale``: a mixed-precision loss scale for its backward; ``download``: what each sampled
-    client receives, when not all the parameters (only its size is used, for accounting)."""
+    client receives, when not all the parameters (only its size is used, for accounting);
+    ``compression``: the clients encode their uploads and the server decodes them (no fast path)."""
 
     computation: ClientComputation
     screen: UploadScreen
@@ -216,6 +222,7 @@ class RoundPipeline:
     fast_path: bool = False
     loss_scale: float = 1.0
     download: Params | None = None
+    compression: UploadCompression | None = None
 
     def run(self, batch: TaskBatch, params: Mapping[str, Tensor], round_idx: int) -> RoundResult:
         sampled = batch.num_clients
@@ -226,7 +233,7 @@ class RoundPipeline:
         if survivors is None:
             return RoundResult(None, {}, counts, download, 0)
         weights = survivors.weight if self.aggregation.aggregator.uses_weights else None
-        if self.fast_path:
+        if self.fast_path and self.compression is None:
             aggregate, aux = self.computation.mean_gradient(params, survivors, weights, self.loss_scale)
             finite = all_finite(aggregate)
             if finite or not self.screen.reject_nonfinite:
@@ -235,9 +242,12 @@ class RoundPipeline:
             # A client diverged: compute the uploads one by one to find and drop it.
         meta = {k: p.detach() for k, p in params.items()}
         uploads = self.computation.uploads(meta, survivors, weights)
+        if self.compression is not None:
+            uploads = self.compression(uploads, round_idx)
         aggregate, uploads, counts = screen_and_aggregate(uploads, self.screen, self.aggregation, round_idx, counts)
         state = None if uploads.state is None else StateRows(uploads.client_id, uploads.state)
-        return RoundResult(aggregate, _means(uploads.aux), counts, download, uploads.bytes_per_client, state)
+        residuals = None if uploads.residual is None else StateRows(uploads.client_id, uploads.residual)
+        return RoundResult(aggregate, _means(uploads.aux), counts, download, uploads.bytes_per_client, state, residuals)
 
 
 def _means(aux: Aux) -> dict[str, Tensor]:

@@ -49,6 +49,7 @@ def test_configs_directory_has_one_config_per_algorithm_and_dataset():
         "digits/maml.yaml",
         "digits/anil.yaml",
         "digits/fedavg.yaml",
+        "digits/fedavg_topk.yaml",
         "digits/fedrep.yaml",
     }
 
