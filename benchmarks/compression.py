@@ -2,7 +2,7 @@
 digits (2-class shards, unseen clients) and Synthetic(0.5, 0.5) (local protocol), mean over seeds.
 
     python benchmarks/compression.py                       # 3 seeds, 2 worker processes (~20 min on 2 cores)
-    python benchmarks/compression.py --update-readme       # also rewrite the README's table and docs/compression.png
+    python benchmarks/compression.py --update-docs         # also rewrite the table of docs/reference/results.md and docs/compression.png
     python benchmarks/compression.py --smoke --seeds 0 --compressors none topk   # 3 rounds per row (the test suite)
     python benchmarks/compression.py --add --compressors topk1       # add rows to the results already measured
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="3 rounds per row (for tests)")
     parser.add_argument("--out", type=Path, default=HERE / "compression_results.json")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite the README's table and docs/compression.png")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the table of docs/reference/results.md and docs/compression.png")
     parser.add_argument("--render-only", action="store_true", help="the table (and figure) from OUT")
     parser.add_argument("--add", action="store_true", help="keep OUT's runs and run only the (benchmark, algorithm, compressor, seed) it lacks")
     args = parser.parse_args(argv)
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(runs)
     text = table(summary)
     print(text)
-    if args.update_readme:
+    if args.update_docs:
         figure(summary, ROOT / "docs" / "compression.png")
-        replace_section(ROOT / "README.md", START, END, text)
+        replace_section(ROOT / "docs" / "reference" / "results.md", START, END, text)
     return {"runs": runs, "summary": summary}
 
 

@@ -1,4 +1,4 @@
-"""Table cells and README sections shared by the benchmark scripts."""
+"""Table cells and marked README/docs sections shared by the benchmark scripts."""
 
 from __future__ import annotations
 

@@ -37,12 +37,12 @@ non-finite uploads before any aggregator sees them.
 
 A robust rule can do nothing in small rounds (a trimmed mean that trims ``⌊trim·m⌋ = 0`` clients, a
 single bucket, the median of two values): :meth:`Aggregator.degenerate_reason` says so for a round
-size, in one sentence naming the argument and a value that would make the rule act.
+size, in one sentence naming the argument and a value that would make the rule act (the sentences
+are written in ``lightning_metafed.degenerate_rounds``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -55,6 +55,7 @@ from lightning_metafed._validation import (
     check_positive,
     check_range,
 )
+from lightning_metafed.degenerate_rounds import bucketing_reason, byzantine_reason, median_reason, trimmed_mean_reason
 from lightning_metafed.functional.aggregate import (
     bucket_means,
     bulyan,
@@ -65,7 +66,6 @@ from lightning_metafed.functional.aggregate import (
     krum,
     multi_krum,
     norm_bounded_mean,
-    trim_count,
     trimmed_mean,
     update_norms,
     weighted_mean,
@@ -104,7 +104,18 @@ class Aggregator(ConfigObject):
 
 class Mean(Aggregator):
     """Mean of the client updates, weighted by the TaskBatch's ``weight`` when ``weighted=True``
-    (:func:`~lightning_metafed.functional.aggregate.weighted_mean`)."""
+    (:func:`~lightning_metafed.functional.aggregate.weighted_mean`).
+
+    Example:
+        >>> import torch
+        >>> from lightning_metafed.aggregators import Mean
+        >>> updates = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])}  # 3 clients
+        >>> weights = torch.tensor([1.0, 1.0, 2.0])  # e.g. sample counts
+        >>> Mean()(updates, weights)["w"]
+        tensor([3.5000, 4.5000])
+        >>> Mean(weighted=False)(updates, weights)["w"]
+        tensor([3., 4.])
+    """
 
     is_mean = True
 
@@ -122,6 +133,18 @@ class CoordinateMedian(Aggregator):
 
     With an even number of clients it is the mean of the two middle values (so two clients give
     their mean, not the lower one as ``torch.median`` would).
+
+    Example:
+        One client of four uploads garbage; the median of each coordinate ignores it:
+
+        >>> import torch
+        >>> from lightning_metafed.aggregators import CoordinateMedian
+        >>> updates = {"w": torch.tensor([[1.0, -1.0], [2.0, 0.0], [3.0, 1.0], [100.0, -100.0]])}
+        >>> CoordinateMedian()(updates)["w"]
+        tensor([ 2.5000, -0.5000])
+        >>> print(CoordinateMedian().degenerate_reason(round_size=2))
+        CoordinateMedian() of a round of 2 clients is the mean of the two values per coordinate:
+        it is a plain mean; use at least 3 clients per round
     """
 
     def __call__(self, updates: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
@@ -129,14 +152,7 @@ class CoordinateMedian(Aggregator):
 
     def degenerate_reason(self, round_size: int) -> str | None:
         """A reason for rounds of 1 or 2 clients: the median of one value is that value, of two their mean."""
-        check_int("round_size", round_size, minimum=1)
-        if round_size > 2:
-            return None
-        what = "that client's update" if round_size == 1 else "the mean of the two values per coordinate"
-        return (
-            f"CoordinateMedian() of a round of {round_size} client{'s' if round_size > 1 else ''} is {what}: "
-            "it is a plain mean; use at least 3 clients per round"
-        )
+        return median_reason(check_int("round_size", round_size, minimum=1))
 
 
 class TrimmedMean(Aggregator):
@@ -147,6 +163,17 @@ class TrimmedMean(Aggregator):
     Args:
         trim: fraction trimmed from *each* end, in ``[0, 0.5)``; ``0`` is the plain mean. When
             ``⌊trim·m⌋`` would leave no value (tiny rounds) the median is used instead.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metafed.aggregators import TrimmedMean
+        >>> updates = {"w": torch.tensor([[1.0], [2.0], [3.0], [4.0], [100.0]])}  # 5 clients
+        >>> TrimmedMean(trim=0.2)(updates)["w"]  # drops 1 value per side: mean of 2, 3, 4
+        tensor([3.])
+        >>> TrimmedMean(trim=0.1)(updates)["w"]  # floor(0.1 × 5) = 0: the plain mean
+        tensor([22.])
+        >>> TrimmedMean(trim=0.1).degenerate_reason(round_size=5) is not None
+        True
     """
 
     def __init__(self, trim: float = 0.1) -> None:
@@ -156,21 +183,9 @@ class TrimmedMean(Aggregator):
         return trimmed_mean(updates, self.trim)
 
     def degenerate_reason(self, round_size: int) -> str | None:
-        """A reason when ``⌊trim·m⌋`` (:func:`~lightning_metafed.functional.aggregate.trim_count`) is 0
+        """A reason when ``⌊trim·m⌋`` (``trim_count``) is 0
         for ``m = round_size``: no client is trimmed, so the rule is the plain mean."""
-        m = check_int("round_size", round_size, minimum=1)
-        if trim_count(m, self.trim) > 0:
-            return None
-        if m >= 3:  # some trim below 0.5 drops a client of m
-            fix = f"use trim >= {_smallest_trim(m)}"
-            fix += f" or at least {_smallest_trimmed_round(self.trim)} clients per round" if self.trim > 0 else ""
-        else:
-            fix = f"use at least {_smallest_trimmed_round(self.trim) if self.trim > 0 else 3} clients per round"
-            fix += "" if self.trim > 0 else " and trim > 0"
-        return (
-            f"TrimmedMean(trim={self.trim!r}) trims floor({self.trim!r} × {m}) = 0 clients per side in a round of "
-            f"{m} client{'s' if m > 1 else ''}: it is a plain mean; {fix}"
-        )
+        return trimmed_mean_reason(self.trim, check_int("round_size", round_size, minimum=1))
 
 
 class NormBoundedMean(Aggregator):
@@ -179,6 +194,13 @@ class NormBoundedMean(Aggregator):
 
     The norm is taken over all parameters of a client's update together. ``weighted=True`` weights
     the mean by the TaskBatch's ``weight``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metafed.aggregators import NormBoundedMean
+        >>> updates = {"w": torch.tensor([[30.0, 40.0], [0.3, 0.4]])}  # norms 50 and 0.5
+        >>> NormBoundedMean(max_norm=1.0, weighted=False)(updates)["w"]  # mean of (0.6, 0.8) and (0.3, 0.4)
+        tensor([0.4500, 0.6000])
     """
 
     def __init__(self, max_norm: float = 1.0, weighted: bool = True) -> None:
@@ -217,27 +239,7 @@ class Bucketing(Aggregator):
         """A reason when ``bucket_size >= round_size`` (one bucket: the plain mean of the round, whatever
         the inner rule), or when the inner rule degenerates on the ``⌈round_size / bucket_size⌉``
         bucket means (its reason, which then counts buckets as clients)."""
-        m = check_int("round_size", round_size, minimum=1)
-        buckets = math.ceil(m / self.bucket_size)
-        name, inner = f"Bucketing(bucket_size={self.bucket_size})", self.aggregator
-        if m == 1:
-            return f"{name} of a round of 1 client is its update, whatever the inner rule {inner!r}: use more clients per round"
-        reason = inner.degenerate_reason(buckets) if buckets > 1 else None
-        if buckets > 1 and reason is None:
-            return None
-        # the largest smaller bucket_size whose number of buckets the inner rule acts on
-        sizes = range(min(self.bucket_size, m) - 1, 0, -1)
-        smaller = next((s for s in sizes if inner.degenerate_reason(math.ceil(m / s)) is None), None)
-        fix = None if smaller is None else f"bucket_size <= {smaller}" if smaller > 1 else "bucket_size=1"
-        if buckets == 1:
-            return (
-                f"{name} puts all {m} clients of a round in one bucket: the aggregate is their plain mean, whatever the "
-                f"inner rule {inner!r}; use {fix + ' or ' if fix else ''}more clients per round"
-            )
-        return (
-            f"{name} turns a round of {m} clients into {buckets} bucket means, which its inner rule treats as a round "
-            f"of {buckets} clients{f' ({fix} would make enough buckets for it to act)' if fix else ''}: {reason}"
-        )
+        return bucketing_reason(self.bucket_size, self.aggregator, check_int("round_size", round_size, minimum=1))
 
 
 class Krum(Aggregator):
@@ -247,6 +249,17 @@ class Krum(Aggregator):
     Args:
         num_byzantine: ``f``, the Byzantine clients a round is assumed to hold (the paper needs
             ``m >= 2f + 3``).
+
+    Example:
+        Four honest clients agree; the fifth is far away and is not chosen:
+
+        >>> import torch
+        >>> from lightning_metafed.aggregators import Krum
+        >>> updates = {"w": torch.tensor([[1.0, 1.0], [1.1, 0.9], [0.9, 1.0], [1.0, 1.1], [-50.0, 50.0]])}
+        >>> Krum(num_byzantine=1)(updates)["w"]
+        tensor([1., 1.])
+        >>> Krum(num_byzantine=1).degenerate_reason(round_size=4) is not None  # needs m >= 2f + 3
+        True
     """
 
     #: Rounds of fewer than ``factor · f + 3`` clients do not meet the rule's bound.
@@ -260,19 +273,18 @@ class Krum(Aggregator):
 
     def degenerate_reason(self, round_size: int) -> str | None:
         """A reason when ``round_size < factor·f + 3``: too few clients for the rule's guarantee."""
-        m = check_int("round_size", round_size, minimum=1)
-        need = self.factor * self.num_byzantine + 3
-        if m >= need:
-            return None
-        return (
-            f"{self!r} needs at least {self.factor}·num_byzantine + 3 = {need} clients per round to tolerate "
-            f"{self.num_byzantine} Byzantine client(s), got rounds of {m}: use a smaller num_byzantine or more clients per round"
-        )
+        return byzantine_reason(self, self.factor, self.num_byzantine, check_int("round_size", round_size, minimum=1))
 
 
 class MultiKrum(Krum):
     """Mean of the ``keep`` client updates with the lowest Krum scores
-    (:func:`~lightning_metafed.functional.aggregate.multi_krum`); ``keep=None`` keeps ``m − f``."""
+    (:func:`~lightning_metafed.functional.aggregate.multi_krum`).
+
+    Args:
+        num_byzantine: ``f``, the Byzantine clients a round is assumed to hold (scores use the
+            ``m − f − 2`` nearest other updates; the paper needs ``m >= 2f + 3``).
+        keep: how many of the lowest-scored updates to average; ``None`` keeps ``m − f``.
+    """
 
     def __init__(self, num_byzantine: int = 1, keep: int | None = None) -> None:
         super().__init__(num_byzantine)
@@ -287,7 +299,11 @@ class MultiKrum(Krum):
 class Bulyan(Krum):
     """Bulyan (:func:`~lightning_metafed.functional.aggregate.bulyan`): ``m − 2f`` updates chosen by
     repeated Krum, then per coordinate the mean of the ``m − 4f`` chosen values closest to their
-    median. The paper needs ``m >= 4f + 3``."""
+    median. The paper needs ``m >= 4f + 3``.
+
+    Args:
+        num_byzantine: ``f``, the Byzantine clients a round is assumed to hold.
+    """
 
     factor = 4
 
@@ -323,24 +339,6 @@ class CenteredClip(Aggregator):
         else:
             center = {name: torch.zeros_like(u[0]) for name, u in updates.items()}
         return centered_clip(updates, self.tau, self.iterations, center)
-
-
-def _smallest_trim(m: int) -> float:
-    """A short ``trim`` (4 significant digits, rounded up) that trims at least one client of ``m``."""
-    exact = 1 / m
-    scale = 10 ** (math.floor(math.log10(exact)) - 3)
-    short = float(f"{math.ceil(exact / scale) * scale:.4g}")
-    return short if trim_count(m, short) >= 1 else exact
-
-
-def _smallest_trimmed_round(trim: float) -> int:
-    """The smallest round size ``m`` in which ``trim > 0`` trims a client (``trim_count(m, trim) >= 1``)."""
-    m = max(1, math.ceil((1 - 1e-9) / trim))
-    while trim_count(m, trim) < 1:
-        m += 1
-    while m > 1 and trim_count(m - 1, trim) >= 1:
-        m -= 1
-    return m
 
 
 # Checkpoints store the aggregator in their hyperparameters; allow torch.load(weights_only=True) to read it.

@@ -106,7 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A save that runs out of disk space raises ``OSError(ENOSPC)`` saying the previous checkpoint at
     that path is intact. Loading a truncated or foreign file raises ``ValueError`` ("truncated or not
     a checkpoint file"), a missing one ``FileNotFoundError`` (see
-    :func:`~lightning_metafed.files.load_torch_file`). Remote saves (``s3://``, ``gs://``, ...) and
+    ``lightning_metafed.files.load_torch_file``). Remote saves (``s3://``, ``gs://``, ...) and
     saves with ``storage_options`` go to ``TorchCheckpointIO``.
     """
 

@@ -146,7 +146,12 @@ class MetaFedCLI(LightningCLI):
 
 
 def build_cli(args: Any = None, run: bool = True) -> MetaFedCLI:
-    """The CLI over every algorithm and client source (``args`` as for LightningCLI)."""
+    """The CLI over every algorithm and client source (``args`` as for LightningCLI).
+
+    Args:
+        args: the command-line arguments (a list of strings, a dict or a namespace; ``None`` reads ``sys.argv``).
+        run: run the subcommand (``True``) or only parse and instantiate the classes (``False``).
+    """
     return MetaFedCLI(
         MetaFedModule,
         FederatedDataModule,
@@ -162,7 +167,11 @@ def build_cli(args: Any = None, run: bool = True) -> MetaFedCLI:
 
 def main(args: Any = None) -> None:
     """Entry point of the ``metafed`` console script: a mistake is printed as one paragraph and
-    exits with status 2 (``--debug`` or ``METAFED_DEBUG=1``: the full traceback)."""
+    exits with status 2 (``--debug`` or ``METAFED_DEBUG=1``: the full traceback).
+
+    Args:
+        args: the command-line arguments (a list of strings, a dict or a namespace; ``None`` reads ``sys.argv``).
+    """
     if args is None:  # LightningCLI reads sys.argv itself; it must not see --debug
         debug, rest = debug_requested(sys.argv[1:])
         sys.argv[1:] = rest

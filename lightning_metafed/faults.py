@@ -11,7 +11,7 @@ Pass a :class:`ClientFaults` as a module's ``faults`` argument (YAML)::
         byzantine_attack: sign_flip
 
 Every draw is a pure function of ``(seed, round, client)`` (see
-:mod:`lightning_metafed.data.seeding`), so a run and its resumed copy see the same faults, and
+``lightning_metafed.data.seeding``), so a run and its resumed copy see the same faults, and
 every DDP process draws the same ones.
 """
 
@@ -40,7 +40,7 @@ from lightning_metafed.data.seeding import (
 
 __all__ = ["ClientFaults", "ATTACKS", "alie_z"]
 
-#: Byzantine behaviours: what a bad client uploads instead of its honest update ``Δ``.
+#: The Byzantine behaviours, what a bad client uploads instead of its honest update ``Δ``.
 ATTACKS = ("sign_flip", "scaled", "random", "alie", "ipm")
 
 
@@ -64,12 +64,29 @@ class ClientFaults(ConfigObject):
             with ``scale`` times the RMS of ``Δ`` (per parameter tensor) as standard deviation;
             ``"alie"`` ("a little is enough", Baruch, Baruch & Goldberg, 2019): every bad client
             uploads ``μ − z·σ``, with ``μ``, ``σ`` the per-coordinate mean and standard deviation of
-            the round's honest updates and ``z`` = :func:`alie_z` of the round (``scale`` unused):
-            a shift small enough to pass coordinate-wise and distance-based rules;
+            the round's honest updates and ``z`` = :func:`~lightning_metafed.faults.alie_z` of the
+            round (``scale`` unused): a shift small enough to pass coordinate-wise and distance-based
+            rules;
             ``"ipm"`` (inner-product manipulation, Xie, Koyejo & Gupta, 2020): every bad client
             uploads ``−scale·μ``. Both attackers see every honest update of the round (omniscient).
         byzantine_scale: the ``scale`` above (> 0).
         seed: seed of every draw above.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metafed import ClientFaults
+        >>> faults = ClientFaults(dropout=0.5, step_choices=[1, 2, 5], seed=0)
+        >>> faults.dropped(round_idx=0, m=6)  # which of round 0's six clients vanish
+        tensor([False,  True,  True,  True, False, False])
+        >>> faults.num_steps(round_idx=0, m=6)  # their local step budgets
+        tensor([5, 5, 5, 2, 1, 1])
+        >>> faults.dropped(round_idx=0, m=6).equal(faults.dropped(round_idx=0, m=6))  # reproducible
+        True
+        >>> attacker = ClientFaults(byzantine_attack="sign_flip", byzantine_scale=10.0)
+        >>> attacker.attack({"w": torch.ones(3, 2)}, bad=torch.tensor([False, True, False]), round_idx=0)["w"]
+        tensor([[  1.,   1.],
+                [-10., -10.],
+                [  1.,   1.]])
     """
 
     def __init__(

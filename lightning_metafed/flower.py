@@ -29,6 +29,8 @@ and :func:`node_evaluate` restore it into the store before a message and keep it
 With the module's ``compressor`` a client sends its update's encoding and keeps its error-feedback
 residual on the node as it keeps a state row (:mod:`lightning_metafed.flower_compression`).
 
+The server's side of a round in the clear (:func:`replies_to_uploads`, :func:`server_update` and
+their helpers) is defined in :mod:`lightning_metafed.flower_aggregation` and re-exported here.
 Client-level DP (the module's ``privacy``) runs on the server as in a Lightning round: the server
 clips the clear updates, sums them, adds the noise and accounts for it in a
 :class:`~lightning_metafed.round.PrivacyLedger` (:func:`server_ledger`, :func:`server_update`).
@@ -38,27 +40,23 @@ the uploads, so the clients clip; the ServerApp's loop is :func:`lightning_metaf
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.datamodule import stack_tasks
-from lightning_metafed.flower_compression import decode_arrays, encode_upload, keep_residual, restore_residual
-from lightning_metafed.functional.aggregate import finite_clients
-from lightning_metafed.round import (
-    Aggregation,
-    ClientComputation,
-    PrivacyLedger,
-    RoundCounts,
-    RoundResult,
-    Uploads,
-    UploadScreen,
-    screen_and_aggregate,
-    server_step,
+from lightning_metafed.flower_aggregation import (  # the server side, re-exported: this module is its public path
+    check_flower_module,
+    public_privacy_metrics,
+    replies_to_uploads,
+    server_ledger,
+    server_optimizer,
+    server_update,
 )
+from lightning_metafed.flower_compression import encode_upload, keep_residual, restore_residual
+from lightning_metafed.functional.aggregate import finite_clients
+from lightning_metafed.round import ClientComputation
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import RecordDict
@@ -105,7 +103,12 @@ def require_flwr() -> Any:
 
 
 def load_from_config(config: str, overrides: Sequence[str] = ()) -> tuple[MetaFedModule, FederatedDataModule]:
-    """The module and (set-up) data module a ``metafed fit --config CONFIG`` run would build."""
+    """The module and (set-up) data module a ``metafed fit --config CONFIG`` run would build.
+
+    Args:
+        config: the path of the YAML config (as for ``metafed fit --config``).
+        overrides: further command-line arguments, e.g. ``["--model.inner_steps=3"]``.
+    """
     from lightning_metafed.cli import build_cli
 
     cli = build_cli(["--config", config, "--trainer.logger=false", *overrides], run=False)
@@ -113,18 +116,17 @@ def load_from_config(config: str, overrides: Sequence[str] = ()) -> tuple[MetaFe
     return cli.model, cli.datamodule
 
 
-def server_optimizer(model: MetaFedModule) -> torch.optim.Optimizer:
-    """The module's server optimizer (its state lives on the server across rounds)."""
-    configured = model.configure_optimizers()
-    return configured["optimizer"] if isinstance(configured, dict) else configured
-
-
 def _parameters(model: MetaFedModule) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu() for k, p in model.named_parameters()}
 
 
 def load_parameters(model: MetaFedModule, arrays: Any) -> None:
-    """Copy the server's meta-parameters (an ``ArrayRecord`` or a ``{name: tensor}`` mapping) into ``model``."""
+    """Copy the server's meta-parameters (an ``ArrayRecord`` or a ``{name: tensor}`` mapping) into ``model``.
+
+    Args:
+        model: the module whose parameters are overwritten.
+        arrays: the server's meta-parameters, an ``ArrayRecord`` or a ``{name: tensor}`` mapping.
+    """
     state = arrays.to_torch_state_dict() if hasattr(arrays, "to_torch_state_dict") else dict(arrays)
     params = dict(model.named_parameters())
     if set(state) != set(params):
@@ -135,7 +137,12 @@ def load_parameters(model: MetaFedModule, arrays: Any) -> None:
 
 
 def server_message(model: MetaFedModule, round_idx: int) -> RecordDict:
-    """What the server sends a client: the meta-parameters and the round index."""
+    """What the server sends a client: the meta-parameters and the round index.
+
+    Args:
+        model: the server's module, built from the run's config.
+        round_idx: the round the client trains for.
+    """
     app = require_flwr()
     return app.RecordDict(
         {"arrays": app.ArrayRecord(torch_state_dict=_parameters(model)), "config": app.ConfigRecord({"round": round_idx})}
@@ -144,7 +151,13 @@ def server_message(model: MetaFedModule, round_idx: int) -> RecordDict:
 
 def client_batch(data: FederatedDataModule, partition: int, round_idx: int | None) -> TaskBatch:
     """Client ``partition``'s batch of one: its task of round ``round_idx`` (``None``: its evaluation
-    task), its weight and its global id."""
+    task), its weight and its global id.
+
+    Args:
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        round_idx: the training round (``None``: the client's evaluation task).
+    """
     train = data.population("train")
     if not 0 <= partition < len(train):
         raise ValueError(f"Expected `partition-id` in [0, {len(train)}) (the train clients), got {partition}")
@@ -154,7 +167,12 @@ def client_batch(data: FederatedDataModule, partition: int, round_idx: int | Non
 
 def client_computation(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, dict[str, torch.Tensor], Params | None]:
     """The batch's upload ``{name: [1, *shape]}``, its diagnostics and (with a ``client_state``
-    store) the client's new state row; nothing is written yet (see :func:`keep_state_row`)."""
+    store) the client's new state row; nothing is written yet (see :func:`keep_state_row`).
+
+    Args:
+        model: the client's module, built from the run's config.
+        batch: the client's batch of one (:func:`client_batch`).
+    """
     if model.client_state is None:
         updates, aux = model.client_updates_with_aux(batch)
         return updates, aux, None
@@ -164,7 +182,13 @@ def client_computation(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, 
 
 
 def keep_state_row(model: MetaFedModule, batch: TaskBatch, state: Params | None) -> None:
-    """Write the client's new state row (from :func:`client_computation`) into the module's store."""
+    """Write the client's new state row (from :func:`client_computation`) into the module's store.
+
+    Args:
+        model: the client's module, built from the run's config.
+        batch: the client's batch of one (its global id keys the row).
+        state: the new row, or ``None`` (nothing is written).
+    """
     if state is not None:
         model.client_state.write(batch.client_id, state)
 
@@ -180,7 +204,14 @@ def _client_round(model: MetaFedModule, batch: TaskBatch) -> tuple[Params, dict[
 
 def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
     """Client ``partition``: load the meta-parameters, adapt on its own data, return its update
-    (a module with per-client state also updates the client's row in its own store)."""
+    (a module with per-client state also updates the client's row in its own store).
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        content: the server's message (``arrays``: the meta-parameters; ``config``: the round).
+    """
     app = require_flwr()
     load_parameters(model, content["arrays"])
     batch = client_batch(data, partition, int(content["config"]["round"]))
@@ -196,7 +227,14 @@ def client_train(model: MetaFedModule, data: FederatedDataModule, partition: int
 def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict) -> RecordDict:
     """Personalization of client ``partition`` on its own data: adapt on its support set from the
     meta-parameters (a module with per-client state: from the client's own starting point, its
-    stored row), score its query set before (``pre``) and after (``post``) adaptation."""
+    stored row), score its query set before (``pre``) and after (``post``) adaptation.
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        content: the server's message (``arrays``: the meta-parameters).
+    """
     app = require_flwr()
     load_parameters(model, content["arrays"])
     batch = client_batch(data, partition, None)
@@ -209,7 +247,13 @@ def client_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: 
 
 def stored_row(model: MetaFedModule, data: FederatedDataModule, partition: int) -> Params | None:
     """Client ``partition``'s row in the module's store, or ``None`` (no store, or the client has no
-    row: the store holds the rows of the clients it trained, one client per SuperNode)."""
+    row: the store holds the rows of the clients it trained, one client per SuperNode).
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+    """
     if model.client_state is None or len(model.client_state) == 0:
         return None
     row = model.client_state.gather([data.population("train").global_id(partition)])
@@ -217,7 +261,14 @@ def stored_row(model: MetaFedModule, data: FederatedDataModule, partition: int) 
 
 
 def restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int, state: RecordDict) -> None:
-    """Write client ``partition``'s row kept in ``state`` (a SuperNode's ``context.state``) into the module's store."""
+    """Write client ``partition``'s row kept in ``state`` (a SuperNode's ``context.state``) into the module's store.
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        state: the SuperNode's node-local ``context.state`` record.
+    """
     if model.client_state is None or STATE_RECORD not in state:
         return
     row = state[STATE_RECORD].to_torch_state_dict()
@@ -227,7 +278,15 @@ def restore_row(model: MetaFedModule, data: FederatedDataModule, partition: int,
 
 def node_train(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
     """A SuperNode's train message: :func:`client_train` with the client's row restored from the
-    node-local ``state`` before and kept there after (it is not part of the reply)."""
+    node-local ``state`` before and kept there after (it is not part of the reply).
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        content: the server's message (``arrays``: the meta-parameters; ``config``: the round).
+        state: the SuperNode's node-local ``context.state`` record.
+    """
     return with_node_state(client_train, model, data, partition, content, state)
 
 
@@ -236,7 +295,16 @@ def with_node_state(
     content: RecordDict, state: RecordDict,
 ) -> RecordDict:
     """``handler(model, data, partition, content)`` with the client's row restored from the node-local
-    ``state`` before and kept there after (the row is never part of the reply)."""
+    ``state`` before and kept there after (the row is never part of the reply).
+
+    Args:
+        handler: the message handler, :func:`client_train` or :func:`client_evaluate`.
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        content: the server's message, passed to ``handler``.
+        state: the SuperNode's node-local ``context.state`` record.
+    """
     key = data.population("train").global_id(partition)
     restore_row(model, data, partition, state)
     restore_residual(model, key, state)
@@ -249,110 +317,17 @@ def with_node_state(
 
 
 def node_evaluate(model: MetaFedModule, data: FederatedDataModule, partition: int, content: RecordDict, state: RecordDict) -> RecordDict:
-    """A SuperNode's evaluate message: :func:`client_evaluate` from the row kept in ``state``."""
+    """A SuperNode's evaluate message: :func:`client_evaluate` from the row kept in ``state``.
+
+    Args:
+        model: the client's module, built from the run's config.
+        data: the set-up data module built from the same config.
+        partition: the client's ``partition-id``, its position among the train clients.
+        content: the server's message (``arrays``: the meta-parameters).
+        state: the SuperNode's node-local ``context.state`` record.
+    """
     restore_row(model, data, partition, state)
     return client_evaluate(model, data, partition, content)
-
-
-def replies_to_uploads(replies: Sequence[RecordDict], model: MetaFedModule | None = None) -> tuple[Uploads, list[RecordDict]]:
-    """The clients' updates (in partition order) as the round's :class:`~lightning_metafed.round.Uploads`,
-    decoded with ``model``'s ``compressor`` when it has one (the upload size is the encoded one)."""
-    replies = sorted(replies, key=lambda r: int(r["metrics"]["partition"]))
-    states = [r["arrays"].to_torch_state_dict() for r in replies]
-    upload = payload_bytes(states[0])
-    if model is not None and model.compressor is not None:
-        states = [decode_arrays(model.compressor, s, dict(model.named_parameters())) for s in states]
-    updates = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-    weights = torch.tensor([float(r["metrics"]["weight"]) for r in replies])
-    partitions = [int(r["metrics"]["partition"]) for r in replies]
-    return Uploads(updates, {}, weights, partitions, upload), replies
-
-
-def check_flower_module(model: MetaFedModule) -> None:
-    """Refuse a module whose clients need server state beside the parameters (e.g. SCAFFOLD)."""
-    if model.download_payload() is not None and set(model.download_payload()) - set(dict(model.named_parameters())):
-        raise ValueError(
-            f"{type(model).__name__} sends clients server state beside the parameters (e.g. SCAFFOLD's control "
-            "variate), which the Flower messages do not carry; run it with `metafed fit`."
-        )
-
-
-def server_ledger(model: MetaFedModule, num_nodes: int) -> PrivacyLedger | None:
-    """The server's :class:`~lightning_metafed.round.PrivacyLedger` under ``privacy`` (else ``None``),
-    with its noise seed drawn and sampling rate 1: every one of the ``num_nodes`` SuperNodes trains
-    every round, so there is no sampling to amplify privacy, and a ``ClientDP(sample_rate=...)``
-    below 1 (e.g. from a config written for ``metafed fit``) is refused. A fixed ``ClientDP(seed=...)``
-    is known to every client that loads the same config, which could regenerate the noise: warned."""
-    if model.privacy is None:
-        return None
-    rate = model.privacy.sample_rate
-    if rate is not None and rate != 1:
-        raise ValueError(
-            f"Expected `privacy.sample_rate` to be None or 1 on Flower (every SuperNode trains every round, so no "
-            f"client sampling amplifies privacy), got {rate!r}; remove `sample_rate` from the config"
-        )
-    model.privacy.sum_noise_multiplier(num_nodes)  # adaptive clipping: the count's noise must leave noise for the sum
-    if model.privacy.seed is not None:
-        warnings.warn(
-            f"`privacy.seed` = {model.privacy.seed} is fixed: every client loads the same config and could regenerate "
-            "the server's noise and subtract it. Use seed: null (a fresh seed per run) outside experiments.",
-            UserWarning,
-            stacklevel=2,
-        )
-    ledger = PrivacyLedger(model.privacy)
-    ledger.sample_rate = 1.0
-    ledger.resolve_noise_seed()
-    return ledger
-
-
-def public_privacy_metrics(ledger: PrivacyLedger) -> dict[str, float]:
-    """The ledger's metrics a deployment prints: ``privacy/epsilon`` and the clip norm, not the exact
-    count of clipped clients (a statistic of the clients' updates that no noise covers)."""
-    return {k: v for k, v in ledger.metrics().items() if k != "privacy/clipped"}
-
-
-def server_update(
-    model: MetaFedModule,
-    optimizer: torch.optim.Optimizer,
-    replies: Sequence[RecordDict],
-    round_idx: int = 0,
-    ledger: PrivacyLedger | None = None,
-    sampled: int | None = None,
-) -> dict[str, float]:
-    """Aggregate the clients' updates (in partition order) with the module's aggregator and take
-    a server-optimizer step; returns the mean of the accepted clients' metrics (and, under
-    ``privacy``, the ledger's ``privacy/*`` metrics).
-
-    The same server-side stages as a Lightning round (:mod:`lightning_metafed.round.pipeline`):
-    non-finite updates are screened out (``reject_nonfinite``), the aggregator combines the rest (or,
-    under ``privacy``, :class:`~lightning_metafed.round.Aggregation` clips them to the ledger's clip
-    norm, sums them, adds the noise of ``ledger``'s seed and divides by ``sampled``, the clients
-    messaged this round, default the replies), a non-finite aggregate raises, and
-    :func:`~lightning_metafed.round.server_step` applies it; ``ledger`` records the round. The
-    module's simulated ``faults`` do not apply (a deployment has real ones).
-    """
-    check_flower_module(model)
-    if model.privacy is not None and ledger is None:
-        raise ValueError(
-            f"`privacy` ({model.privacy!r}) needs the server's privacy ledger: pass "
-            "`ledger=server_ledger(model, num_nodes)`, got ledger=None"
-        )
-    uploads, replies = replies_to_uploads(replies, model)
-    counts = RoundCounts(sampled=len(replies) if sampled is None else sampled, survivors=len(replies))
-    screen = UploadScreen(faults=None, reject_nonfinite=model.reject_nonfinite)
-    aggregation = Aggregation(model.aggregator)
-    if ledger is not None:
-        aggregation = Aggregation(model.aggregator, model.privacy, ledger.seed(), ledger.clip_norm)
-    aggregate, uploads, counts = screen_and_aggregate(uploads, screen, aggregation, round_idx, counts)
-    server_step(optimizer, dict(model.named_parameters()), aggregate)
-    accepted = set(uploads.client_id)
-    replies = [r for r in replies if int(r["metrics"]["partition"]) in accepted]  # rejected clients' metrics are left out
-    keys = [k for k in replies[0]["metrics"] if k not in ("partition", "weight")]
-    metrics = {k: sum(float(r["metrics"][k]) for r in replies) / len(replies) for k in keys}
-    if ledger is not None:
-        ledger.record(RoundResult(aggregate, {}, counts, 0, uploads.bytes_per_client))
-        metrics.update(public_privacy_metrics(ledger))
-    return metrics
 
 
 def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -365,6 +340,12 @@ def simulate(config: str, partitions: Sequence[int], rounds: int, overrides: Seq
     evaluation metrics, every message exchanged (to check what crosses the wire), each partition's
     stored state row (``None`` without per-client state), each node's ``context.state`` record and
     the privacy ledger's summary line.
+
+    Args:
+        config: the path of the YAML config (as for ``metafed fit --config``).
+        partitions: the ``partition-id`` of every simulated SuperNode.
+        rounds: how many rounds to run.
+        overrides: further command-line arguments for every module and data module built.
     """
     server_model, _ = load_from_config(config, overrides)
     optimizer = server_optimizer(server_model)

@@ -51,7 +51,6 @@ import torch
 
 from lightning_metafed.aggregators import Mean
 from lightning_metafed.flower import (
-    check_flower_module,
     client_batch,
     client_computation,
     keep_state_row,
@@ -59,6 +58,7 @@ from lightning_metafed.flower import (
     require_flwr,
     with_node_state,
 )
+from lightning_metafed.flower_aggregation import check_flower_module
 from lightning_metafed.functional.aggregate import finite_clients
 
 require_flwr()  # a clear ImportError without the optional extra, before Flower's own imports
@@ -321,7 +321,8 @@ class SumStrategy(Strategy):
     """The legacy Flower ``Strategy`` that the SecAgg+ workflow drives.
 
     ``configure_fit`` sends every node of ``nodes`` the round's ``FitIns`` (the parameters the
-    workflow holds, the ``server``'s :meth:`secure_config`); ``aggregate_fit`` receives the
+    workflow holds, the ``server``'s
+    :meth:`~lightning_metafed.flower_server.FlowerServer.secure_config`); ``aggregate_fit`` receives the
     workflow's average of the survivors' arrays, multiplies it by their number (every client sent
     ``num_examples = 1`` under ``max_weight = 1``) and hands the named sum to the ``server``'s
     ``update_from_sum``, which takes the module's server step. ``metrics`` holds the last round's

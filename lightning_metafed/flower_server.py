@@ -31,13 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_metafed.flower import (
+from lightning_metafed.flower import load_from_config, require_flwr, server_message
+from lightning_metafed.flower_aggregation import (
     check_flower_module,
-    load_from_config,
-    require_flwr,
     public_privacy_metrics,
     server_ledger,
-    server_message,
     server_optimizer,
     server_update,
 )

@@ -47,6 +47,7 @@ class InnerOptimizer(ConfigObject):
     functional: bool = True  # usable by the functional (torch.func) backend
 
     def init(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
+        """The optimizer's state before the first step on ``params`` (e.g. zero momentum buffers)."""
         raise NotImplementedError
 
     def step(
@@ -56,6 +57,9 @@ class InnerOptimizer(ConfigObject):
         state: dict[str, Any],
         lr: F.LearningRate | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """One differentiable step: the new parameters and state from ``grads`` and ``state``, as new
+        tensors (never in place). ``lr`` overrides the optimizer's own learning rate (a float, a
+        tensor, or a ``{name: rate}`` mapping such as Meta-SGD's learned rates)."""
         raise NotImplementedError
 
     def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
@@ -64,7 +68,30 @@ class InnerOptimizer(ConfigObject):
 
 
 class SGD(InnerOptimizer):
-    """Plain or momentum SGD; equals ``torch.optim.SGD`` (dampening 0)."""
+    """Plain or momentum SGD; equals ``torch.optim.SGD`` (dampening 0).
+
+    Args:
+        lr: the learning rate (``> 0``).
+        momentum: ``μ`` in ``[0, 1)`` (``0``: plain SGD).
+        nesterov: use Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: the coupled L2 penalty added to the gradient (``>= 0``).
+
+    Example:
+        Usually passed to an algorithm (``MAML(net, inner_optimizer=SGD(lr=0.01))``); its steps
+        are pure functions of dicts of tensors:
+
+        >>> import torch
+        >>> from lightning_metafed.inner import SGD
+        >>> opt = SGD(lr=0.1, momentum=0.9)
+        >>> params, grads = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.5])}
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, grads, state)
+        >>> params["w"]
+        tensor([ 0.9500, -2.0500])
+        >>> params, state = opt.step(params, grads, state)  # momentum: the step grows to 0.095
+        >>> params["w"]
+        tensor([ 0.8550, -2.1450])
+    """
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         self.lr = _check_lr(lr)
@@ -97,7 +124,14 @@ class SGD(InnerOptimizer):
 
 
 class Adam(InnerOptimizer):
-    """Adam; equals ``torch.optim.Adam`` (coupled weight decay, no amsgrad)."""
+    """Adam; equals ``torch.optim.Adam`` (coupled weight decay, no amsgrad).
+
+    Args:
+        lr: the learning rate (``> 0``).
+        betas: ``(β1, β2)``, the decay rates of the first and second moment estimates, each in ``[0, 1)``.
+        eps: added to the denominator for numerical stability (``> 0``).
+        weight_decay: the coupled L2 penalty added to the gradient (``>= 0``).
+    """
 
     def __init__(
         self,
@@ -139,6 +173,11 @@ class TorchOptimizer(InnerOptimizer):
     """Any ``torch.optim`` optimizer class as the inner optimizer; only with ``inner_backend="higher"``.
 
     Example: ``TorchOptimizer("torch.optim.RMSprop", lr=0.01, kwargs={"alpha": 0.9})``.
+
+    Args:
+        optimizer: the import path of a ``torch.optim.Optimizer`` class.
+        lr: the learning rate (``> 0``).
+        kwargs: the optimizer's other arguments (``None``: none).
     """
 
     functional = False

@@ -15,7 +15,14 @@ _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 class MLP(nn.Sequential):
-    """``in_features → hidden[0] → … → out_features`` with an activation between layers."""
+    """``in_features → hidden[0] → … → out_features`` with an activation between layers.
+
+    Args:
+        in_features: the input size.
+        hidden: the hidden layers' sizes (``None``: ``[40, 40]``).
+        out_features: the output size.
+        activation: the activation between layers, ``"relu"``, ``"tanh"`` or ``"gelu"``.
+    """
 
     def __init__(
         self,
@@ -41,7 +48,15 @@ class MLP(nn.Sequential):
 class ConvNet(nn.Module):
     """A small conv net for ``[C, H, W]`` images: ``blocks`` × (3×3 conv → GroupNorm → ReLU), global
     average pooling, linear head. GroupNorm (no running statistics) keeps clients independent and
-    lets ``torch.func.vmap`` vectorize them."""
+    lets ``torch.func.vmap`` vectorize them.
+
+    Args:
+        in_channels: ``C``, the input images' channels.
+        num_classes: the output size of the linear head.
+        channels: the channels of every conv block (divisible by ``groups``).
+        blocks: how many conv blocks.
+        groups: the GroupNorm groups per block.
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 32, blocks: int = 2, groups: int = 4):
         super().__init__()

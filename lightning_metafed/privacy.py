@@ -88,6 +88,24 @@ class ClientDP(ConfigObject):
         clip_lr: ``η``, the step of the geometric clip-norm update (the paper's default 0.2).
         count_stddev: ``σ_b``, the noise on the centred count of unclipped clients; default: sampled
             clients / 20 (the paper's choice). Must exceed ``noise_multiplier / 2``.
+
+    Example:
+        Clipping and the noisy mean of one round (what the module does when ``privacy=`` is set):
+
+        >>> import torch
+        >>> from lightning_metafed import ClientDP
+        >>> updates = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # 2 clients, norms 5 and 0.5
+        >>> clipped, norms = ClientDP(clip_norm=1.0).clip(updates)
+        >>> clipped["w"], norms
+        (tensor([[0.6000, 0.8000],
+                [0.3000, 0.4000]]), tensor([5.0000, 0.5000]))
+        >>> dp = ClientDP(clip_norm=1.0, noise_multiplier=0.0)
+        >>> dp.aggregate(updates, sampled=2, seed=0, round_idx=0)[0]["w"]  # (clipped sum + noise) / 2
+        tensor([0.4500, 0.6000])
+        >>> dp = ClientDP(clip_norm=1.0, noise_multiplier=1.0)
+        >>> noisy = [dp.aggregate(updates, sampled=2, seed=7, round_idx=r)[0]["w"] for r in (0, 0, 1)]
+        >>> noisy[0].equal(noisy[1]), noisy[0].equal(noisy[2])  # the noise is a function of (seed, round)
+        (True, False)
     """
 
     # Class-level defaults: a ClientDP pickled before adaptive clipping existed reads back as fixed clipping.

@@ -50,7 +50,11 @@ _MISSING = "<not set>"
 
 def plain(value: Any) -> Any:
     """A comparable form of a hyperparameter: objects by class name and attributes, namespaces and
-    ``class_path``/``init_args`` dicts alike, tuples as lists."""
+    ``class_path``/``init_args`` dicts alike, tuples as lists.
+
+    Args:
+        value: the hyperparameter value (an object, a mapping, a namespace, a sequence or a scalar).
+    """
     if isinstance(value, Mapping) or hasattr(value, "as_dict"):
         mapping = dict(value.as_dict() if hasattr(value, "as_dict") else value)
         if "class_path" in mapping:
@@ -66,7 +70,11 @@ def plain(value: Any) -> Any:
 
 
 def init_arguments(obj: Any) -> dict[str, Any]:
-    """``obj``'s attributes that are also arguments of its constructor (its configuration)."""
+    """``obj``'s attributes that are also arguments of its constructor (its configuration).
+
+    Args:
+        obj: the configured object (e.g. an aggregator or an inner optimizer).
+    """
     try:
         accepted = set(inspect.signature(type(obj).__init__).parameters) - {"self"}
     except (TypeError, ValueError):
@@ -93,7 +101,14 @@ def config_differences(
     section: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
     """``"section.key: checkpoint X, this run Y"`` for every hyperparameter that differs. A key the
-    checkpoint lacks (written by an older version) counts only when this run's value is not its default."""
+    checkpoint lacks (written by an older version) counts only when this run's value is not its default.
+
+    Args:
+        section: the prefix of every line (``"model"``, ``"data"``, ``"server_optimizer"``).
+        saved: the checkpoint's hyperparameters (``None``: none saved).
+        current: this run's hyperparameters.
+        defaults: the constructor defaults, for keys the checkpoint lacks (``None``: none).
+    """
     saved, defaults = dict(saved or {}), dict(defaults or {})
     lines = []
     for key in sorted((set(saved) | set(current)) - _SKIPPED):
@@ -115,7 +130,12 @@ def optimizer_class(optimizer: Any) -> str:
 
 def optimizer_differences(checkpoint: Mapping[str, Any], fresh: Any) -> tuple[list[str], bool]:
     """Differences between the checkpoint's server optimizer and a freshly built one: the lines, and
-    whether the class changed (recorded class, or else different hyperparameter names)."""
+    whether the class changed (recorded class, or else different hyperparameter names).
+
+    Args:
+        checkpoint: the loaded checkpoint dict (its ``optimizer_states``).
+        fresh: the server optimizer this run built.
+    """
     states = checkpoint.get("optimizer_states") or []
     if not states:
         return [], False
@@ -197,7 +217,13 @@ def resume_differences(
     checkpoint: Mapping[str, Any], module: pl.LightningModule, datamodule: Any
 ) -> tuple[list[str], list[str], Any, bool]:
     """The differences in ``model``/``data`` hyperparameters, those of the server optimizer, a fresh
-    server optimizer built by ``module``, and whether the optimizer's class changed."""
+    server optimizer built by ``module``, and whether the optimizer's class changed.
+
+    Args:
+        checkpoint: the loaded checkpoint dict.
+        module: this run's module (it builds the fresh server optimizer).
+        datamodule: this run's data module, or ``None`` (its hyperparameters are then not compared).
+    """
     built = config_differences("model", checkpoint.get("hyper_parameters"), module.hparams, init_defaults(module))
     if datamodule is not None and "datamodule_hyper_parameters" in checkpoint:
         saved = checkpoint["datamodule_hyper_parameters"]

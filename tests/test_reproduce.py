@@ -1,5 +1,5 @@
 """The results reproduction (benchmarks/reproduce/run.py): a smoke run of every row, the orderings
-that are robust even after a few rounds, the plots, and the README table equal to the committed results."""
+that are robust even after a few rounds, the plots, and the results page's table equal to the committed results."""
 
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def test_orderings_that_hold_after_a_few_rounds(smoke):
         assert test["test/acc_post"] > test["test/acc_pre"], label  # two-class new clients gain from adapting
 
 
-def test_readme_results_section_is_the_rendering_of_the_committed_results():
+def test_results_page_section_is_the_rendering_of_the_committed_results():
     committed = json.loads((ROOT / "benchmarks" / "reproduce" / "results.json").read_text())
     assert not committed["smoke"] and len(committed["seeds"]) >= 3
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "reference" / "results.md").read_text()
     section = readme.split(reproduce.START, 1)[1].split(reproduce.END, 1)[0]
     assert section.strip() == reproduce.render(committed).strip()

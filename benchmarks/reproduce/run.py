@@ -3,9 +3,9 @@ print the results tables, save them as JSON and the plots as PNG.
 
     python benchmarks/reproduce/run.py                      # all experiments, 3 seeds (~15 min on 2 cores)
     python benchmarks/reproduce/run.py --only sinusoid      # one experiment
-    python benchmarks/reproduce/run.py --only personalized --merge --update-readme   # rerun one, keep the others
-    python benchmarks/reproduce/run.py --update-readme      # also rewrite the README's results section
-    python benchmarks/reproduce/run.py --render-only --update-readme   # tables/plots from results.json
+    python benchmarks/reproduce/run.py --only personalized --merge --update-docs   # rerun one, keep the others
+    python benchmarks/reproduce/run.py --update-docs        # also rewrite the results section of docs/reference/results.md
+    python benchmarks/reproduce/run.py --render-only --update-docs     # tables/plots from results.json
     python benchmarks/reproduce/run.py --smoke --out /tmp/smoke   # a few rounds per row (the test suite)
 
 Every row is a YAML config of the ``metafed`` CLI (``configs/`` or ``benchmarks/reproduce/configs/``)
@@ -39,7 +39,7 @@ from tables import cell as _cell, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-README = ROOT / "README.md"
+RESULTS_PAGE = ROOT / "docs" / "reference" / "results.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 MLR = '--model.net={"class_path": "torch.nn.Linear", "init_args": {"in_features": 60, "out_features": 10}}'
@@ -229,7 +229,7 @@ def render(results: dict[str, Any]) -> str:
     seeds = len(results["seeds"])
     lines = [
         f"Measured {results['date']} on {results['machine']} (2-core CPU); mean ± std over {seeds} seeds "
-        f"{results['seeds']}; regenerate with `python benchmarks/reproduce/run.py --update-readme`.",
+        f"{results['seeds']}; regenerate with `python benchmarks/reproduce/run.py --update-docs`.",
         "",
     ]
     experiments = results["experiments"]
@@ -354,7 +354,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def update_readme(table: str, path: Path = README) -> None:
+def update_docs(table: str, path: Path = RESULTS_PAGE) -> None:
     replace_section(path, START, END, table)
 
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json goes (plots go to OUT/../../docs "
                         "by default, see --plots)")
     parser.add_argument("--plots", type=Path, default=None, help="folder for the PNG figures (default: docs/)")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite the README's results section")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the results section of docs/reference/results.md")
     parser.add_argument("--render-only", action="store_true", help="tables and plots from OUT/results.json, no training")
     parser.add_argument("--merge", action="store_true", help="keep the other experiments of OUT/results.json")
     args = parser.parse_args(argv)
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table)
     for path in plot(results, args.plots or ROOT / "docs"):
         print(f"wrote {path}", file=sys.stderr)
-    if args.update_readme:
-        update_readme(table)
+    if args.update_docs:
+        update_docs(table)
     return results
 
 

@@ -31,9 +31,13 @@ class ANIL(MAML):
     """MAML whose inner loop adapts only the head (:func:`~lightning_metafed.functional.anil_update`);
     the body is meta-learned.
 
-    ``adapt_params=None`` selects the parameters of the net's last parameterized submodule (e.g.
-    the final ``nn.Linear``); pass patterns such as ``["classifier.*"]`` to choose otherwise. Every
-    other argument is :class:`~lightning_metafed.MAML`'s.
+    Args:
+        net: the model every client adapts (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
+        adapt_params: shell-style patterns of the head, the parameters the inner loop adapts;
+            ``None`` selects the parameters of the net's last parameterized submodule (e.g. the final
+            ``nn.Linear``); pass patterns such as ``["classifier.*"]`` to choose otherwise.
+
+    Every other argument is :class:`~lightning_metafed.MAML`'s.
     """
 
     def __init__(self, net: nn.Module | None = None, adapt_params: list[str] | None = None, **kwargs: Any):

@@ -32,6 +32,8 @@ class APFL(StatefulModule):
     ``0`` scores the mixed model as trained, the paper's evaluation.
 
     Args:
+        net: the global model; each client's personal model has its architecture (``None``:
+            :meth:`~lightning_metafed.MetaFedModule.build_net`).
         local_lr: the clients' local step size for ``w`` and ``v`` (``> 0``).
         inner_steps: local steps per round (``>= 0``).
         alpha_lr: step size of ``α`` (``>= 0``; ``0`` keeps ``α = alpha_init``).

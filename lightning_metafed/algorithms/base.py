@@ -73,7 +73,7 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         fast_path: when the update is a loss gradient and the aggregator a mean, get the aggregate
             with one backward of the weighted mean loss instead of per-client gradients.
         inner_backend: ``"func"`` (``torch.func``, vectorized) or ``"higher"`` (the ``higher``
-            package, clients in a loop); see :mod:`~lightning_metafed.algorithms.backends`.
+            package, clients in a loop); see ``lightning_metafed.algorithms.backends``.
         compile_clients: ``torch.compile`` the vectorized per-client training computation (2-3x
             faster per round on the sinusoid benchmark after a one-off compilation of about half a
             minute; recompiles when batch shapes change). Off by default. A string is
@@ -89,6 +89,9 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             leave a parameter non-finite (the parameters and the server optimizer's state are then
             restored to before the step): ``"raise"`` a ``NonFiniteRoundError`` naming the cause
             (default), or ``"skip"`` the round with a warning (counted as ``robust/nonfinite_rounds``).
+        compressor: what each client uploads instead of its full-precision update
+            (:mod:`lightning_metafed.compression`; the communication meter counts the encoded bytes);
+            ``None`` uploads full precision. No fast path with a compressor.
     """
 
     #: Whether this algorithm can run its inner loop through ``higher``.
@@ -276,9 +279,8 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
         return self.client_updates_with_aux(batch)[0]
 
     def _use_fast_path(self) -> bool:
-        explicit = self.privacy is not None or (self.faults is not None and self.faults.byzantine_fraction > 0)
-        fast = self.fast_path and self.aggregator.is_mean and self.client_objective is not None
-        return fast and not explicit and self.client_state is None and self.compressor is None
+        explicit = self.privacy is not None or self.compressor is not None or (self.faults is not None and self.faults.byzantine_fraction > 0)
+        return self.fast_path and self.aggregator.is_mean and self.client_objective is not None and not explicit and self.client_state is None
 
     def round_pipeline(self) -> RoundPipeline:
         """The stages of this module's round (see :mod:`lightning_metafed.round.pipeline`)."""
@@ -299,15 +301,19 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             compression=None if self.compressor is None else UploadCompression(self.compressor, self.upload_residuals),
         )
 
-    def run_round(self, batch: TaskBatch) -> RoundResult:
-        """One round's result from the current meta-parameters; parameters, optimizer, ledgers and
-        client state are left as they were (the owner applies the result)."""
-        return self.round_pipeline().run(as_batch(batch), dict(self.named_parameters()), self.global_step)
+    def run_round(self, batch: TaskBatch, round_idx: int | None = None) -> RoundResult:
+        """One round's result from the current meta-parameters, its random draws indexed by ``round_idx``
+        (default the Trainer's ``global_step``); parameters, optimizer, ledgers and client state are
+        left as they were (the owner applies the result)."""
+        round_idx = self.global_step if round_idx is None else round_idx
+        return self.round_pipeline().run(as_batch(batch), dict(self.named_parameters()), round_idx)
 
     def round_gradients(self, batch: TaskBatch) -> tuple[Params | None, dict[str, Tensor]]:
-        """For loops outside a Trainer: run a round, count its communication, write the aggregate to
-        ``.grad``; returns ``(aggregate, mean diagnostics)`` (``(None, {})`` when no client survived)."""
-        result = self.run_round(batch)
+        """For loops outside a Trainer: run a round (indexed by the rounds counted so far, so each one
+        draws its faults, noise and compression anew), count its communication, write the aggregate to
+        ``.grad``; returns ``(aggregate, mean diagnostics)`` (``(None, {})`` when no client survived).
+        The privacy accountant is not stepped here: ``Trainer.fit`` accounts for DP."""
+        result = self.run_round(batch, self.ledgers.communication.totals["rounds"])
         self.ledgers.communication.record(result)
         aggregate = None if result.aggregate is None else self.server_aggregate(result.aggregate)
         write_gradients(dict(self.named_parameters()), aggregate)
@@ -315,13 +321,6 @@ class MetaFedModule(LedgerHooks, SetupCheckHooks, evaluation.EvaluationHooks, pl
             self.after_server_step(result.aggregate)
         self.write_client_rows(result)
         return result.aggregate, result.diagnostics
-
-    def write_client_rows(self, result: RoundResult) -> None:
-        """Store the accepted clients' new per-client state and error-feedback residuals."""
-        if result.new_state is not None:
-            self.client_state.write(result.new_state.client_id, result.new_state.rows)
-        if result.new_residuals is not None:
-            self.upload_residuals.write(result.new_residuals.client_id, result.new_residuals.rows)
 
     # ------------------------------------------------------------------------------------- lifecycle
 

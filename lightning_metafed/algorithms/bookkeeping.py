@@ -32,7 +32,7 @@ class LedgerHooks:
 
     @property
     def communication(self) -> dict[str, int]:
-        """Cumulative communication: ``rounds``, ``download_bytes``, ``upload_bytes`` (checkpointed)."""
+        """Cumulative communication (``rounds``, ``download_bytes``, ``upload_bytes``; checkpointed)."""
         return self.ledgers.communication.totals
 
     @property
@@ -89,6 +89,13 @@ class LedgerHooks:
     def on_fit_end(self) -> None:
         for line in self.ledgers.summaries():
             rank_zero_info(line)
+
+    def write_client_rows(self, result: RoundResult) -> None:
+        """Store the accepted clients' new per-client state and error-feedback residuals."""
+        if result.new_state is not None:
+            self.client_state.write(result.new_state.client_id, result.new_state.rows)
+        if result.new_residuals is not None:
+            self.upload_residuals.write(result.new_residuals.client_id, result.new_residuals.rows)
 
     def log_round(self, result: RoundResult, m: int, logging_step: bool, optimizer: Any) -> None:
         """Log a round: ``train/meta_loss`` every round; the update norm, server learning rate and

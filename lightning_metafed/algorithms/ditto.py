@@ -30,6 +30,8 @@ class Ditto(StatefulModule):
     ``0`` scores the personal model as trained, the paper's evaluation.
 
     Args:
+        net: the global model; each client's personal model has its architecture (``None``:
+            :meth:`~lightning_metafed.MetaFedModule.build_net`).
         inner_steps: local steps of the global part (``>= 0``).
         personal_steps: steps of the personal part per round (``>= 0``).
         lam: the proximal strength ``λ >= 0`` (``0``: purely local personal models).

@@ -24,6 +24,7 @@ class FedAvg(MetaFedModule):
     fine-tuning on the support set (FedAvg + fine-tuning).
 
     Args:
+        net: the global model the clients train (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         inner_optimizer: the clients' local optimizer (default ``SGD(lr=0.01)``), also used to
             fine-tune at evaluation.
         local_epochs: passes over the local data per round.
@@ -32,6 +33,28 @@ class FedAvg(MetaFedModule):
         inner_steps: not used by FedAvg (training is by local epochs); a value other than ``None``/``0`` is rejected.
 
     Every other argument is :class:`~lightning_metafed.MetaFedModule`'s.
+
+    Example:
+        Two rounds of 5 clients with a Trainer (server ``SGD(lr=1)``: plain FedAvg), then validation
+        of the global model (``pre``) and of the model fine-tuned on each held-out client (``post``).
+
+        >>> from functools import partial
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_metafed import FedAvg
+        >>> from lightning_metafed.data import SinusoidClients
+        >>> _ = torch.manual_seed(0)
+        >>> model = FedAvg(nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1)), local_epochs=2,
+        ...                server_optimizer=partial(torch.optim.SGD, lr=1.0))
+        >>> data = SinusoidClients(num_clients=100, clients_per_round=5, rounds_per_epoch=2)
+        >>> trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, datamodule=data)
+        >>> trainer.global_step
+        2
+        >>> {"train/meta_loss", "val/loss_pre", "val/loss_post"} <= set(trainer.callback_metrics)
+        True
     """
 
     def __init__(

@@ -27,6 +27,7 @@ class FedBABU(FedAvg):
     personalizes.
 
     Args:
+        net: the model, a body and a head (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         head_params: shell-style patterns of the head's parameters (``None``: the net's last
             parameterized submodule); the body may not be empty.
 

@@ -88,7 +88,10 @@ class FedPer(PersonalHeadModule):
     aggregator the body becomes the average of the clients' trained bodies.
 
     Args:
-        head_params: the head's parameter patterns (see :class:`PersonalHeadModule`).
+        net: the model, a shared body and a personal head (``None``:
+            :meth:`~lightning_metafed.MetaFedModule.build_net`).
+        head_params: the head's parameter patterns (see
+            :class:`~lightning_metafed.algorithms.fedper.PersonalHeadModule`).
         inner_steps: local steps per round (``>= 1``); also bounds ``faults.step_choices``.
         use_query: local data is support and query (``True``) or the support set only.
         eval_inner_steps: fine-tuning steps of body and head at evaluation from the client's

@@ -24,6 +24,7 @@ class FedProx(FedAvg):
     the global model, ``post`` after ``eval_inner_steps`` steps of fine-tuning.
 
     Args:
+        net: the global model the clients train (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         mu: the proximal strength ``μ >= 0`` (``0``: FedAvg).
 
     Every other argument is :class:`~lightning_metafed.FedAvg`'s.

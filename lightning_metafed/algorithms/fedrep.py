@@ -29,6 +29,8 @@ class FedRep(PersonalHeadModule):
     frozen, from the client's stored head (a client never seen: the global head).
 
     Args:
+        net: the model, a shared body and a personal head (``None``:
+            :meth:`~lightning_metafed.MetaFedModule.build_net`).
         head_params: the head's parameter patterns (see
             :class:`~lightning_metafed.algorithms.fedper.PersonalHeadModule`).
         head_steps: head steps per round (``>= 1``).

@@ -24,6 +24,7 @@ class MAML(MetaFedModule):
     the round minimizes ``Σ_clients L_query(θ − α ∇L_support(θ))``.
 
     Args:
+        net: the model every client adapts (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         first_order: FOMAML instead of second-order MAML.
         adapt_params: shell-style patterns (``fnmatch``) of the net parameters the inner loop adapts,
             e.g. ``["head.*"]`` (ANIL); ``None`` adapts all. The meta-update reaches every parameter.
@@ -31,6 +32,27 @@ class MAML(MetaFedModule):
     Every other argument is :class:`~lightning_metafed.MetaFedModule`'s; ``inner_backend="higher"``
     runs the inner loop through the ``higher`` package (clients in a loop; accepts
     :class:`~lightning_metafed.inner.TorchOptimizer`).
+
+    Example:
+        A round by hand (a Trainer runs the same in ``training_step``): each sampled client uploads
+        its meta-gradient, and the round's mean lands in ``.grad`` for the server optimizer.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_metafed import MAML
+        >>> from lightning_metafed.data import SinusoidClients
+        >>> from lightning_metafed.inner import SGD
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1))
+        >>> model = MAML(net, inner_optimizer=SGD(lr=0.01), inner_steps=1)
+        >>> data = SinusoidClients(num_clients=100, clients_per_round=4, support_size=5, query_size=5)
+        >>> data.setup("fit")
+        >>> uploads = model.client_updates(data.round_batch(0))  # {parameter: [clients, *shape]}
+        >>> tuple(uploads["net.0.weight"].shape)
+        (4, 32, 1)
+        >>> aggregate, diagnostics = model.round_gradients(data.round_batch(0))
+        >>> torch.allclose(model.net[0].weight.grad, uploads["net.0.weight"].mean(0), atol=1e-6)
+        True
     """
 
     supports_higher = True

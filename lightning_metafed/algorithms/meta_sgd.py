@@ -30,6 +30,7 @@ class MetaSGD(MAML):
     the keys ``inner_lrs.<name with dots as __>``.
 
     Args:
+        net: the model every client adapts (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         lr_granularity: ``"element"`` (the paper: one rate per coordinate, shaped like the
             parameter) or ``"tensor"`` (one scalar rate per parameter tensor).
 

@@ -26,6 +26,7 @@ class PerFedAvg(MetaFedModule):
     ``hessian_batch``. Evaluation personalizes with ``eval_inner_steps`` steps of the inner optimizer.
 
     Args:
+        net: the model every client adapts (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         variant: ``"fo"`` or ``"hf"``.
         outer_lr: the local meta step size ``β`` of the paper (named so that it cannot clash with
             Synthetic(α, β)'s ``beta`` in the merged hyperparameters).

@@ -42,6 +42,8 @@ class PFedMe(MetaFedModule):
     algorithm here).
 
     Args:
+        net: the global model; each client's personal model has its architecture (``None``:
+            :meth:`~lightning_metafed.MetaFedModule.build_net`).
         inner_optimizer: solves the inner problem (default ``SGD(lr=0.01)``, the paper's personal lr).
         inner_steps: ``K``, steps of the inner problem per local round (``>= 1``).
         lam: ``λ > 0``, the strength of the proximal term.

@@ -21,6 +21,7 @@ class Reptile(MetaFedModule):
     ``SGD(lr=1)`` it averages the clients' adapted weights.
 
     Args:
+        net: the model every client adapts (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         use_query: train the inner loop on support and query (all of the client's data in the
             round), else on the support set only.
 

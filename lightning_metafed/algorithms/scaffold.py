@@ -44,6 +44,7 @@ class SCAFFOLD(StatefulModule):
     is twice the parameters' size. Evaluation starts from the global model.
 
     Args:
+        net: the global model the clients train (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         local_lr: the clients' local step size (``> 0``).
         inner_steps: local steps per round (``>= 1``).
         use_query: local data is support and query (``True``) or the support set only.

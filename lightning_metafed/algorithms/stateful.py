@@ -39,6 +39,7 @@ class StatefulModule(MetaFedModule):
     """Base class of the algorithms with per-client state (see the module docstring).
 
     Args:
+        net: the model (``None``: :meth:`~lightning_metafed.MetaFedModule.build_net`).
         max_resident_rows: ``None`` keeps every visited client's state in memory; an integer keeps at
             most that many rows in memory and spills the others to a scratch file.
 

@@ -54,7 +54,8 @@ from lightning_metafed.data.seeding import (
     generator,
     hash_state,
 )
-from lightning_metafed.data.sizes import Size, check_fractions, check_size, resolve_size
+from lightning_metafed.data.size_checks import check_eval_sizes, check_train_sizes, round_sizes
+from lightning_metafed.data.sizes import Size, check_fractions, check_size
 from lightning_metafed.data.task_batch import TaskBatch, stack_tasks
 from lightning_metafed.data.validation import ClientChecks, DataSpec
 
@@ -89,6 +90,27 @@ class FederatedDataModule(pl.LightningDataModule):
             (``0``: built in the training loop); ``None`` (default): one when the trainer runs on
             an accelerator such as a GPU, none on a CPU (where the thread would compete with the
             round for the cores). The batches are the same either way.
+
+    Example:
+        A source only builds its clients; the module splits them and draws every round's
+        :class:`~lightning_metafed.data.TaskBatch`:
+
+        >>> import torch
+        >>> from lightning_metafed.data import ClientData, FederatedDataModule
+        >>> from lightning_metafed.data.population import ListPopulation
+        >>> class Lines(FederatedDataModule):  # client k fits y = k·x
+        ...     def build_population(self):
+        ...         x = torch.linspace(-1, 1, 30).unsqueeze(-1)
+        ...         return ListPopulation([ClientData(x, k * x) for k in range(20)])
+        >>> data = Lines(clients_per_round=4, support_size=5, query_size=5, seed=0)
+        >>> data.setup("fit")
+        >>> [len(data.population(split)) for split in ("train", "val", "test")]
+        [16, 2, 2]
+        >>> batch = data.round_batch(0)  # what training round 0 sees
+        >>> batch.num_clients, tuple(batch.support_x.shape), tuple(batch.query_x.shape)
+        (4, (4, 5, 1), (4, 5, 1))
+        >>> tuple(data.eval_batch("val", range(2)).query_x.shape)  # held out: all 25 other examples
+        (2, 25, 1)
     """
 
     #: Number of classes for classification sources (labels are checked against it); ``None`` for regression.
@@ -197,9 +219,9 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         checks = ClientChecks(self.num_classes)
         checked = checks.check_populations(populations, EAGER_CHECK_LIMIT)
-        self._check_train_sizes(train)
+        check_train_sizes(train, EAGER_CHECK_LIMIT, self.support_size, self.query_size, self.replacement)
         for split in ("val", "test"):
-            self._check_eval_sizes(populations[split])
+            check_eval_sizes(populations[split], EAGER_CHECK_LIMIT, self.eval_support_size)
         if self.client_sampling == "size" and train.uniform is None:
             self._train_weights = train.sizes(torch.arange(len(train))).double()
         self._checks, self._checked = checks, checked
@@ -281,49 +303,6 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         return sample_clients(hash_state(self.seed, CLIENTS, round_idx), len(train), m)
 
-    def _train_sizes(self, n: int, end: int | None, name: str) -> tuple[int, int]:
-        """``(S, Q)`` of a train client with ``n`` examples (support part ``[:end]`` if fixed);
-        without ``replacement``, a ``ValueError`` naming the client when it is too small."""
-        if end is None:
-            S, Q = resolve_size(self.support_size, n), resolve_size(self.query_size, n)
-            if S + Q > n and not self.replacement:
-                raise ValueError(
-                    f"Expected `support_size` + `query_size` ({S} + {Q}) <= {n} for client {name!r} "
-                    f"(it has {n} examples), got {S + Q}; use smaller sizes, fractions, or replacement=True"
-                )
-            if S + Q > n and n < 2:
-                raise ValueError(f"Client {name!r} has {n} example(s): support and query need at least 2")
-            return S, Q
-        if end < 1 or end >= n:
-            raise ValueError(
-                f"Client {name!r} has a fixed split with {end} support and {n - end} query examples; "
-                "a train client needs at least one of each"
-            )
-        S, Q = resolve_size(self.support_size, end), resolve_size(self.query_size, n - end)
-        if (S > end or Q > n - end) and not self.replacement:
-            raise ValueError(
-                f"Expected `support_size` <= {end} and `query_size` <= {n - end} for client {name!r} "
-                f"(its support/query parts have {end}/{n - end} examples), got {S} and {Q}"
-            )
-        return S, Q
-
-    def _round_sizes(self, population: Population, rows: Tensor, n: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
-        """``[m]`` support and query sizes of train clients ``rows``; the error of the first client
-        that is too small (see :meth:`_train_sizes`)."""
-        fixed, e = end >= 0, end.clamp(min=0)
-        S = torch.where(fixed, resolve_sizes(self.support_size, e), resolve_sizes(self.support_size, n))
-        Q = torch.where(fixed, resolve_sizes(self.query_size, n - e), resolve_sizes(self.query_size, n))
-        short = torch.where(fixed, (S > e) | (Q > n - e), S + Q > n)
-        empty_part = fixed & ((end < 1) | (end >= n))
-        bad = (n < 1) | empty_part | (short & (not self.replacement)) | (short & ~fixed & (n < 2))
-        if bool(bad.any()):
-            k = int(bad.nonzero()[0])
-            name = population.name(int(rows[k]))
-            if int(n[k]) < 1:
-                raise ValueError(f"Client {name!r} has no examples")
-            self._train_sizes(int(n[k]), None if int(end[k]) < 0 else int(end[k]), name)
-        return S, Q
-
     def _fetch(self, population: Population) -> Fetch:
         """How a batch reads ``population``; what is read is checked unless :meth:`setup` checked
         every client of it."""
@@ -331,13 +310,13 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def _train_batch(self, population: Population, rows: Tensor, round_idx: int) -> TaskBatch:
         n, end, ids = population.sizes(rows), population.support_ends(rows), population.global_ids(rows)
-        S, Q = self._round_sizes(population, rows, n, end)
+        S, Q = round_sizes(population, rows, n, end, self.support_size, self.query_size, self.replacement)
         support, query = train_indices(hash_state(self.seed, TRAIN, round_idx, ids), n, end, S, Q)
         return assemble(self._fetch(population), rows, (support, S), (query, Q), n, ids)
 
     def round_batch(self, round_idx: int) -> TaskBatch:
         """The TaskBatch of training round ``round_idx`` (a pure function of seed and round; the
-        draws are those of :mod:`lightning_metafed.data.draws`)."""
+        draws are those of ``lightning_metafed.data.draws``)."""
         rows = self._sample_clients(round_idx)
         return self._train_batch(self.population("train"), rows, round_idx)
 
@@ -361,39 +340,3 @@ class FederatedDataModule(pl.LightningDataModule):
     def eval_batch(self, split: str, indices: range | list[int]) -> TaskBatch:
         """A padded TaskBatch of the held-out clients ``indices`` of ``split``."""
         return self._eval_batch(self.population(split), torch.as_tensor(list(indices), dtype=torch.long))
-
-    # ------------------------------------------------------------------------------ validation
-
-    def _size_rows(self, population: Population) -> Tensor:
-        """The clients whose sizes setup checks: one of a uniform population, none of a huge one
-        (checked as each round draws them), else all."""
-        if population.uniform is not None:
-            return torch.zeros(min(len(population), 1), dtype=torch.long)
-        if len(population) > EAGER_CHECK_LIMIT:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.arange(len(population))
-
-    def _check_train_sizes(self, population: Population) -> None:
-        rows = self._size_rows(population)
-        if rows.numel():
-            self._round_sizes(population, rows, population.sizes(rows), population.support_ends(rows))
-
-    def _check_eval_sizes(self, population: Population) -> None:
-        rows = self._size_rows(population)
-        if not rows.numel():
-            return
-        n, end = population.sizes(rows), population.support_ends(rows)
-        S = resolve_sizes(self.eval_support_size, n)
-        bad = torch.where(end >= 0, (end < 1) | (end >= n), S >= n)
-        if not bool(bad.any()):
-            return
-        k = int(bad.nonzero()[0])
-        name, n_k, e_k, S_k = population.name(int(rows[k])), int(n[k]), int(end[k]), int(S[k])
-        if e_k < 0:
-            raise ValueError(
-                f"Expected `eval_support_size` < {n_k} for held-out client {name!r} (it has {n_k} examples "
-                f"and needs at least one query example), got {S_k}"
-            )
-        raise ValueError(
-            f"Held-out client {name!r} needs at least one support and one query example, got {e_k} and {n_k - e_k}"
-        )

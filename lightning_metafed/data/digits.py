@@ -38,7 +38,11 @@ class DigitsClients(FederatedDataModule):
     and 10 query examples).
 
     Args:
+        num_clients: how many clients the digits are split into.
+        partitioner: how the examples are split into clients (``None``: the Dirichlet label skew above).
         images: yield ``[1, 8, 8]`` images (for conv nets) instead of 64 flat features.
+        support_size: support examples per sampled client (int, or a fraction of its data).
+        query_size: query examples per sampled client (int, or a fraction).
     """
 
     num_classes = 10

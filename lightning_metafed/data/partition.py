@@ -46,7 +46,12 @@ def fill_empty_clients(parts: list[list[int]], min_size: int) -> list[list[int]]
 
 
 class Partitioner(ConfigObject):
-    """Base class: ``partitioner(labels, num_clients, seed) -> list[LongTensor]``."""
+    """Base class: ``partitioner(labels, num_clients, seed) -> list[LongTensor]``.
+
+    Args:
+        min_size: the fewest examples a client may hold (``>= 1``); clients below it receive
+            examples from the largest clients.
+    """
 
     def __init__(self, min_size: int = 1):
         self.min_size = check_int("min_size", min_size, minimum=1)
@@ -62,7 +67,12 @@ class Partitioner(ConfigObject):
 
 
 class IID(Partitioner):
-    """A uniformly random split into clients of (almost) equal size."""
+    """A uniformly random split into clients of (almost) equal size.
+
+    Args:
+        min_size: the fewest examples a client may hold (``>= 1``); clients below it receive
+            examples from the largest clients.
+    """
 
     def split(self, labels: Tensor, num_clients: int, seed: int) -> list[Tensor]:
         perm = torch.randperm(labels.numel(), generator=generator(seed, 101))
@@ -75,6 +85,11 @@ class Dirichlet(Partitioner):
 
     One pass, no rejection loop (so it terminates for any ``alpha`` and client count); clients left
     below ``min_size`` receive examples from the largest clients.
+
+    Args:
+        alpha: the Dirichlet concentration (``> 0``); small values give few classes per client.
+        min_size: the fewest examples a client may hold (``>= 1``); clients below it receive
+            examples from the largest clients.
     """
 
     def __init__(self, alpha: float = 0.5, min_size: int = 1):
@@ -119,7 +134,12 @@ class Shards(Partitioner):
     """Pathological non-IID: every client holds exactly ``classes_per_client`` distinct classes
     (in the spirit of McMahan et al., 2017's shards). Classes are dealt round-robin over a random
     class order so every class is shared by about the same number of clients; each class's examples
-    are split evenly among its clients."""
+    are split evenly among its clients.
+
+    Args:
+        classes_per_client: how many distinct classes each client holds (``>= 1``).
+        min_size: the fewest examples a client may hold (``>= 1``); a class too small for its clients raises.
+    """
 
     def __init__(self, classes_per_client: int = 2, min_size: int = 1):
         super().__init__(min_size)
@@ -163,7 +183,12 @@ class Shards(Partitioner):
 
 class QuantitySkew(Partitioner):
     """Quantity skew with IID labels: client sizes proportional to a ``Dirichlet(alpha)`` draw
-    (at least ``min_size`` each), examples assigned uniformly at random."""
+    (at least ``min_size`` each), examples assigned uniformly at random.
+
+    Args:
+        alpha: the Dirichlet concentration of the client sizes (``> 0``); small values give very unequal sizes.
+        min_size: the fewest examples a client holds (``>= 1``).
+    """
 
     def __init__(self, alpha: float = 0.5, min_size: int = 1):
         super().__init__(min_size)

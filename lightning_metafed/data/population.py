@@ -28,6 +28,15 @@ __all__ = ["ClientData", "Population", "ListPopulation", "LazyPopulation", "Subs
 
 
 class ClientData(NamedTuple):
+    """One client's local dataset, as a population returns it.
+
+    Attributes:
+        x: the client's inputs ``[N, ...]``.
+        y: the client's labels or targets ``[N, ...]``.
+        support_end: ``None`` (no fixed split: the data module draws support and query), or the
+            number of leading examples that form the support part (the rest is the query part).
+    """
+
     x: Tensor
     y: Tensor
     support_end: int | None = None
@@ -61,8 +70,8 @@ class Population:
     #: data module validate and weight a huge lazy population without visiting every client.
     uniform: tuple[int, int | None] | None = None
 
-    #: Whether every client is already held in memory as tensors, so visiting them all is cheap: the
-    #: data module then checks every client once at setup instead of each one as it is loaded.
+    #: Whether every client is already held in memory as tensors, so visiting them all is cheap (the
+    #: data module then checks every client once at setup instead of each one as it is loaded).
     in_memory: bool = False
 
     #: Whether :meth:`gather` reads many clients at once with tensor operations.

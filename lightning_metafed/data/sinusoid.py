@@ -39,6 +39,27 @@ class SinusoidClients(FederatedDataModule):
     Clients are generated lazily from ``(seed, k)``: a population of 10^6 clients costs no memory.
     Other arguments (``clients_per_round``, ``support_size``, ...) are those of
     :class:`~lightning_metafed.data.FederatedDataModule`.
+
+    Args:
+        num_clients: how many clients (sines) the population holds.
+        examples_per_client: the inputs each client holds (``>= 2``).
+        amplitude: the ``[low, high]`` range ``A_k`` is drawn from, uniformly.
+        phase: the ``[low, high]`` range ``φ_k`` is drawn from, uniformly.
+        x_range: the ``[low, high]`` range the inputs are drawn from, uniformly.
+        noise_std: the standard deviation of the Gaussian noise added to the labels (``0``: none).
+
+    Example:
+        >>> from lightning_metafed.data import SinusoidClients
+        >>> data = SinusoidClients(num_clients=1000, clients_per_round=8, support_size=5, query_size=10, seed=0)
+        >>> data.setup("fit")
+        >>> batch = data.round_batch(0)
+        >>> tuple(batch.support_x.shape), tuple(batch.query_y.shape)
+        ((8, 5, 1), (8, 10, 1))
+        >>> batch.client_id.equal(data.round_batch(0).client_id)  # a round is a function of (seed, round)
+        True
+        >>> amplitude, phase = data.client_function(0)
+        >>> 0.1 <= amplitude <= 5.0, 0.0 <= phase <= 3.1416
+        (True, True)
     """
 
     def __init__(

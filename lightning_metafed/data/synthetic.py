@@ -26,6 +26,18 @@ class SyntheticClients(FederatedDataModule):
     Client sizes are ``floor(LogNormal(size_mean, size_sigma)) + min_samples``, optionally capped at
     ``max_samples``. Each client is drawn from its own ``(seed, k)`` stream, so a client's data does
     not depend on the population size.
+
+    Args:
+        alpha: ``α``, the standard deviation of ``u_k``: how much the clients' models differ.
+        beta: ``β``, the standard deviation of ``B_k``: how much the clients' features differ.
+        num_clients: how many clients the population holds.
+        dimension: ``d``, the number of features.
+        num_classes: ``C``, the number of classes.
+        iid: every client shares one model and ``v_k = B_k = 0``.
+        size_mean: the mean of the log-normal client size.
+        size_sigma: the standard deviation of the log-normal client size.
+        min_samples: added to every client's size.
+        max_samples: the largest client size (``None``: no cap).
     """
 
     def __init__(

@@ -38,6 +38,19 @@ class TaskBatch:
     holding only 0/1.
     Lightning moves the batch between devices with :meth:`to`; from pinned memory (see
     :meth:`pin_memory`) the copies are asynchronous.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metafed import TaskBatch
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(3, 8, 2), torch.randn(3, 8, 1)  # 3 clients, 8 examples each
+        >>> batch = TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:], weight=torch.tensor([5.0, 5.0, 10.0]))
+        >>> batch.num_clients, tuple(batch.support_x.shape), tuple(batch.query_x.shape)
+        (3, (3, 5, 2), (3, 3, 2))
+        >>> batch[1:].num_clients  # a sub-batch of clients
+        2
+        >>> TaskBatch.collate([batch[0], batch[2]]).weight
+        tensor([ 5., 10.])
     """
 
     support_x: Tensor
@@ -135,7 +148,7 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def tasks(self) -> ClientTask:
-        """The stacked tensors as a :class:`~lightning_metafed.functional.updates.ClientTask`."""
+        """The stacked tensors as a :class:`~lightning_metafed.functional.ClientTask`."""
         return ClientTask(
             self.support_x, self.support_y, self.query_x, self.query_y, self.support_mask, self.query_mask, self.num_steps
         )
@@ -222,7 +235,13 @@ def stack_tasks(
     tasks: list[tuple[Tensor, Tensor, Tensor, Tensor]], weights: list[float], ids: list[int]
 ) -> TaskBatch:
     """Stack per-client ``(support_x, support_y, query_x, query_y)`` into a TaskBatch, padding
-    clients of different sizes to the largest and marking real examples in the masks."""
+    clients of different sizes to the largest and marking real examples in the masks.
+
+    Args:
+        tasks: each client's ``(support_x, support_y, query_x, query_y)``.
+        weights: each client's aggregation weight (e.g. its sample count).
+        ids: each client's id.
+    """
 
     def pad(tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         longest = max(t.shape[0] for t in tensors)

@@ -50,6 +50,21 @@ class TensorClients(FederatedDataModule):
 
     Args:
         num_classes: for classification, the number of classes (labels are checked against it).
+
+    Example:
+        Ten classification clients with 20 examples each; the ``"unseen"`` protocol holds out two:
+
+        >>> import torch
+        >>> from lightning_metafed.data import TensorClients
+        >>> _ = torch.manual_seed(0)
+        >>> clients = [(torch.randn(20, 3), torch.randint(0, 2, (20,))) for _ in range(10)]
+        >>> data = TensorClients(clients, num_classes=2, clients_per_round=4, support_size=5, query_size=5)
+        >>> data.setup("fit")
+        >>> [len(data.population(split)) for split in ("train", "val", "test")]
+        [8, 1, 1]
+        >>> batch = data.round_batch(0)
+        >>> tuple(batch.support_x.shape), batch.support_y.dtype, batch.weight  # weight: sample counts
+        ((4, 5, 3), torch.int64, tensor([20., 20., 20., 20.]))
     """
 
     hparams_ignore = ("train", "val", "test")

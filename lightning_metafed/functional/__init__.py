@@ -1,6 +1,7 @@
 """Pure-torch core: inner optimizers, adaptation, client-update rules (meta-learning in ``updates``,
-personalization with per-client state in ``personalized``, proximal rules in ``proximal``), aggregation
-and upload compression (``compress``; no Lightning)."""
+local training in ``local_training``, personalization with per-client state in ``personalized``,
+proximal rules in ``proximal``), aggregation (``aggregate``; the robust rules in ``robust``) and
+upload compression (``compress``; no Lightning)."""
 
 from lightning_metafed.functional.adapt import adapt, iterate_adaptation, select_params
 from lightning_metafed.functional.aggregate import (

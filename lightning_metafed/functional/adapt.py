@@ -24,7 +24,8 @@ __all__ = ["InnerStep", "adapt", "iterate_adaptation", "keep_after_budget", "kee
 
 
 class InnerStep(Protocol):
-    """What :func:`adapt` needs of an inner optimizer (see :mod:`lightning_metafed.inner`)."""
+    """What :func:`~lightning_metafed.functional.adapt` needs of an inner optimizer (see
+    :mod:`lightning_metafed.inner`)."""
 
     def init(self, params: Mapping[str, Tensor]) -> dict[str, Any]: ...
 
@@ -37,6 +38,11 @@ def select_params(names: Iterable[str], patterns: Sequence[str] | str | None, ar
     """Names matching any of the shell-style ``patterns`` (``fnmatch``; ``None`` selects all).
 
     Raises ``ValueError`` naming ``argument`` when a pattern matches no parameter.
+
+    Args:
+        names: the parameter names to select from.
+        patterns: shell-style patterns; a string is one pattern, ``None`` selects every name.
+        argument: the argument the patterns came from, named in the error.
     """
     names = list(names)
     if patterns is None:
@@ -79,6 +85,15 @@ def keep_where(active: Tensor, new: Any, old: Any) -> Any:
     return torch.where(active, new, torch.as_tensor(old, device=active.device, dtype=new.dtype))
 
 
+def _split_adapted(params: Mapping[str, Tensor], adapt_names: Sequence[str] | None) -> tuple[Params, Params]:
+    """``(adapted, frozen)``: the entries of ``params`` named in ``adapt_names`` (``None``: all), in
+    that order, and the other entries."""
+    params = dict(params)
+    names = list(params) if adapt_names is None else list(adapt_names)
+    fast = {k: params[k] for k in names}
+    return fast, {k: v for k, v in params.items() if k not in fast}
+
+
 def iterate_adaptation(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -93,28 +108,36 @@ def iterate_adaptation(
     adapt_names: Sequence[str] | None = None,
     num_steps: Tensor | int | None = None,
 ) -> Iterator[tuple[Params, Tensor | None]]:
-    """Yield ``(params_k, support_loss_k)`` for ``k = 0..steps``.
-
-    ``params_k`` is the full parameter dict after ``k`` inner steps; ``support_loss_k`` is the
-    (detached) support loss at ``params_k`` computed for step ``k+1`` (``None`` for the last yield).
+    """Yield ``(params_k, support_loss_k)`` for ``k = 0..steps``: the full parameter dict after ``k``
+    inner steps, and the (detached) support loss at ``params_k`` computed for step ``k+1`` (``None``
+    for the last yield).
 
     Each step: ``g = ∇_φ L_support(φ)`` over the adapted subset ``φ`` (``adapt_names``; all by
     default); with ``first_order`` the gradient is detached (``stop_gradient``), which makes
     ``dφ_K/dθ = I`` for SGD (FOMAML); then ``φ, state = optimizer.step(φ, g, state, lr)``.
 
-    ``num_steps`` (heterogeneous compute) limits this client to fewer steps: an ``int`` runs
-    ``min(num_steps, steps)`` steps; a 0-d tensor (one client under ``vmap``, where the count cannot
-    become a Python int) runs all ``steps`` but keeps the parameters of step ``num_steps`` from then
-    on (``torch.where`` masking), which gives the same parameters and gradients as stopping early.
+    ``num_steps`` (heterogeneous compute): an ``int`` runs ``min(num_steps, steps)`` steps; a 0-d tensor
+    (one client under ``vmap``, not a Python int there) runs all ``steps`` but keeps the parameters of
+    step ``num_steps`` from then on (``torch.where``): the same parameters and gradients as stopping early.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the loss of the model with parameters ``params``.
+        params: the full parameter dict to start from.
+        x: the support inputs.
+        y: the support targets.
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        steps: how many inner steps (``>= 0``).
+        mask: ``[N]``, 1 for real support examples and 0 for padding (``None``: all real).
+        lr: overrides the optimizer's learning rate (e.g. Meta-SGD's learned rates); ``None``: its own.
+        first_order: detach the inner gradients (FOMAML).
+        adapt_names: the parameters the inner loop adapts; ``None`` adapts all, the others stay fixed.
+        num_steps: this client's step budget (heterogeneous compute); ``None``: ``steps``.
     """
     if steps < 0:
         raise ValueError(f"Expected `steps` >= 0, got {steps!r}")
     if isinstance(num_steps, int):
         steps, num_steps = min(steps, max(num_steps, 0)), None
-    params = dict(params)
-    names = list(params) if adapt_names is None else list(adapt_names)
-    fast = {k: params[k] for k in names}
-    frozen = {k: v for k, v in params.items() if k not in fast}
+    fast, frozen = _split_adapted(params, adapt_names)
 
     def inner_loss(fast_params: Params) -> Tensor:
         return loss_fn({**frozen, **fast_params}, x, y, mask)
@@ -150,20 +173,39 @@ def adapt(
     """Parameters after ``steps`` inner steps on ``(x, y)``; see :func:`iterate_adaptation`.
 
     The result stays a differentiable function of ``params`` (and of a tensor ``lr``).
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the loss of the model with parameters ``params``.
+        params: the full parameter dict to start from.
+        x: the support inputs.
+        y: the support targets.
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        steps: how many inner steps (``>= 0``).
+        mask: ``[N]``, 1 for real support examples and 0 for padding (``None``: all real).
+        lr: overrides the optimizer's learning rate (e.g. Meta-SGD's learned rates); ``None``: its own.
+        first_order: detach the inner gradients (FOMAML).
+        adapt_names: the parameters the inner loop adapts; ``None`` adapts all, the others stay fixed.
+        num_steps: this client's step budget (heterogeneous compute); ``None``: ``steps``.
+
+    Example:
+        Five SGD steps fit ``y = 3x`` with the one-parameter model ``w·x``; the result stays
+        differentiable with respect to the starting parameters (what MAML backpropagates through):
+
+        >>> import torch
+        >>> from lightning_metafed.functional import adapt, mse_loss
+        >>> from lightning_metafed.inner import SGD
+        >>> def loss_fn(params, x, y, mask):
+        ...     return mse_loss(x * params["w"], y, mask)
+        >>> x = torch.linspace(-1, 1, 11).unsqueeze(-1)
+        >>> w0 = torch.zeros(1, requires_grad=True)
+        >>> adapted = adapt(loss_fn, {"w": w0}, x, 3 * x, optimizer=SGD(lr=0.5), steps=5)
+        >>> round(adapted["w"].item(), 4), adapted["w"].requires_grad
+        (2.7667, True)
     """
     adapted: Params = dict(params)
     for adapted, _ in iterate_adaptation(
-        loss_fn,
-        params,
-        x,
-        y,
-        optimizer=optimizer,
-        steps=steps,
-        mask=mask,
-        lr=lr,
-        first_order=first_order,
-        adapt_names=adapt_names,
-        num_steps=num_steps,
+        loss_fn, params, x, y, optimizer=optimizer, steps=steps, mask=mask, lr=lr, first_order=first_order,
+        adapt_names=adapt_names, num_steps=num_steps,
     ):
         pass
     return adapted

@@ -19,7 +19,16 @@ class ClientTask(NamedTuple):
 
     ``num_steps`` (optional) is the client's local step budget this round (heterogeneous compute):
     the update rules stop its inner/local loop after that many steps (see
-    :func:`~lightning_metafed.functional.adapt.keep_after_budget`).
+    ``lightning_metafed.functional.adapt.keep_after_budget``).
+
+    Attributes:
+        support_x: the support inputs ``[N_s, ...]`` (``[m, N_s, ...]`` stacked).
+        support_y: the support labels or targets.
+        query_x: the query inputs ``[N_q, ...]``.
+        query_y: the query labels or targets.
+        support_mask: ``[N_s]``, 1 for real support examples and 0 for padding (``None``: all real).
+        query_mask: ``[N_q]``, 1 for real query examples and 0 for padding (``None``: all real).
+        num_steps: the client's local step budget this round (``None``: no budget).
     """
 
     support_x: Tensor

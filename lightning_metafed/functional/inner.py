@@ -35,7 +35,12 @@ def lr_for(lr: LearningRate, name: str) -> float | Tensor:
 
 
 def sgd_init(params: Mapping[str, Tensor], momentum: float = 0.0) -> dict[str, Any]:
-    """State of (momentum) SGD: the momentum buffers, zero at the start."""
+    """State of (momentum) SGD: the momentum buffers, zero at the start.
+
+    Args:
+        params: the parameters the optimizer will step.
+        momentum: ``μ``; ``0`` keeps no buffers (the state is empty).
+    """
     if momentum == 0.0:
         return {}
     return {"momentum_buffer": {k: torch.zeros_like(p) for k, p in params.items()}}
@@ -54,6 +59,15 @@ def sgd_step(
     """One step of SGD, ``θ ← θ − lr · d`` with ``d = g`` or the momentum direction.
 
     With momentum ``μ``: ``b ← μ b + g``; ``d = b`` (or ``g + μ b`` with Nesterov).
+
+    Args:
+        params: the current parameters.
+        grads: the gradients, one per parameter name.
+        state: what :func:`sgd_init` or the previous step returned.
+        lr: the learning rate: a float, a tensor broadcast against each parameter, or ``{name: rate}``.
+        momentum: ``μ`` (``0``: plain SGD).
+        nesterov: use the Nesterov direction ``g + μ b``.
+        weight_decay: the coupled L2 penalty added to the gradient, ``g + weight_decay · θ``.
     """
     new_params: Params = {}
     new_buf: Params = {}
@@ -70,7 +84,11 @@ def sgd_step(
 
 
 def adam_init(params: Mapping[str, Tensor]) -> dict[str, Any]:
-    """State of Adam: step count and first/second moment estimates (zero at the start)."""
+    """State of Adam: step count and first/second moment estimates (zero at the start).
+
+    Args:
+        params: the parameters the optimizer will step.
+    """
     return {
         "step": 0,
         "exp_avg": {k: torch.zeros_like(p) for k, p in params.items()},
@@ -103,6 +121,15 @@ def adam_step(
 
     ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²``,
     ``θ ← θ − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``.
+
+    Args:
+        params: the current parameters.
+        grads: the gradients, one per parameter name.
+        state: what :func:`adam_init` or the previous step returned.
+        lr: the learning rate: a float, a tensor broadcast against each parameter, or ``{name: rate}``.
+        betas: ``(β1, β2)``, the decay rates of the first and second moment estimates.
+        eps: added to the denominator for numerical stability.
+        weight_decay: the coupled L2 penalty added to the gradient, ``g + weight_decay · θ``.
     """
     beta1, beta2 = betas
     step = state["step"] + 1

@@ -30,7 +30,7 @@ from lightning_metafed.functional.adapt import (
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.proximal import proximal_loss
-from lightning_metafed.functional.updates import detached_params, params_difference, local_data
+from lightning_metafed.functional.local_training import detached_params, local_data, params_difference
 
 __all__ = [
     "APFL_ALPHA_KEY",
@@ -110,6 +110,16 @@ def fedper_update(
     The client's model is the shared body ``θ_B`` (from ``params``) with its personal head ``h``
     (state ``head``, keyed by ``head_names``). ``inner_steps`` steps of ``optimizer`` train both:
     ``(b_K, h_K) = U_K(θ_B, h)``. Upload: ``θ_B − b_K`` (body entries only); new state: ``h_K``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received parameters; their body entries are the shared body ``θ_B``.
+        head: the client's stored head ``h`` (its state row), by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the local optimizer of body and head.
+        inner_steps: ``K``, the local steps.
+        head_names: the head's parameter names.
+        use_query: train on support and query (``True``) or on the support set only.
     """
     body, personal = _split_head(params, head, head_names)
     data = local_data(task, use_query)
@@ -139,6 +149,17 @@ def fedrep_update(
     ``h⁺ = U_head(h; θ_B)``; then, with ``h⁺`` frozen, ``body_steps`` steps train the body:
     ``b = U_body(θ_B; h⁺)`` (each loop with a fresh ``optimizer`` state).
     Upload: ``θ_B − b`` (body entries only); new state: ``h⁺``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received parameters; their body entries are the shared body ``θ_B``.
+        head: the client's stored head ``h`` (its state row), by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the local optimizer of both loops (a fresh state for each).
+        head_steps: the steps that train the head, the body frozen.
+        body_steps: the steps that then train the body, the head frozen.
+        head_names: the head's parameter names.
+        use_query: train on support and query (``True``) or on the support set only.
     """
     body, personal = _split_head(params, head, head_names)
     data = local_data(task, use_query)
@@ -172,6 +193,18 @@ def ditto_update(
     ``f(v) + λ/2 · ‖v − θ‖²`` from the stored ``v``, ``θ`` the received global parameters; with
     ``SGD(lr=η)`` each step is the paper's ``v ← v − η (∇f(v) + λ (v − θ))``. New state: ``v``.
     ``aux["personal_loss"]`` is that regularized objective at the stored ``v``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received global parameters ``θ``, by name.
+        personal: the client's stored personal model ``v`` (its state row), by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the local optimizer of the global part.
+        inner_steps: ``K``, the local steps of the global part.
+        personal_steps: the steps of the personal model.
+        lam: ``λ >= 0``, the strength of the pull towards the global model.
+        personal_optimizer: the optimizer of the personal model (``None``: ``optimizer``).
+        use_query: train on support and query (``True``) or on the support set only.
     """
     if not lam >= 0:
         raise ValueError(f"Expected `lam` >= 0, got {lam!r}")
@@ -215,6 +248,16 @@ def scaffold_update(
     the control delta ``c_i⁺ − c_i`` under ``CONTROL_PREFIX + name`` (see :func:`split_control`);
     new state: ``c_i⁺``. A client whose step budget ``task.num_steps`` is smaller uses it as ``K``;
     with a budget of 0 its control variate is kept.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received global parameters ``θ``, by name.
+        control: the client's control variate ``c_i`` (its state row), by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        lr: the local step size (``> 0``).
+        inner_steps: ``K``, the local steps (``>= 1``).
+        server_control: the server's control variate ``c``, by parameter name.
+        use_query: train on support and query (``True``) or on the support set only.
     """
     if inner_steps < 1 or not lr > 0:
         raise ValueError(f"Expected `inner_steps` >= 1 and `lr` > 0, got inner_steps={inner_steps!r}, lr={lr!r}")
@@ -242,7 +285,11 @@ def scaffold_update(
 
 def split_control(upload: Mapping[str, Tensor]) -> tuple[Params, Params]:
     """A SCAFFOLD upload (or its aggregate) split into ``(parameter update, control delta)``, both
-    keyed by parameter name."""
+    keyed by parameter name.
+
+    Args:
+        upload: a SCAFFOLD upload: parameter updates and ``CONTROL_PREFIX``-keyed control deltas.
+    """
     update = {k: v for k, v in upload.items() if not k.startswith(CONTROL_PREFIX)}
     delta = {k[len(CONTROL_PREFIX):]: v for k, v in upload.items() if k.startswith(CONTROL_PREFIX)}
     return update, delta
@@ -252,7 +299,14 @@ def scaffold_server_control(
     control: Mapping[str, Tensor], mean_delta: Mapping[str, Tensor], sampled: int, population: int
 ) -> Params:
     """SCAFFOLD's server control update ``c ← c + (|S| / N) · mean_{i∈S}(c_i⁺ − c_i)``
-    (Karimireddy et al., 2020), with ``|S| = sampled`` clients out of ``N = population``."""
+    (Karimireddy et al., 2020), with ``|S| = sampled`` clients out of ``N = population``.
+
+    Args:
+        control: the server's control variate ``c``, by parameter name.
+        mean_delta: the mean of the round's clients' control deltas ``c_i⁺ − c_i``.
+        sampled: ``|S|``, the clients sampled this round.
+        population: ``N``, the clients in the whole population.
+    """
     if not 0 < sampled <= population:
         raise ValueError(f"Expected 0 < `sampled` <= `population`, got sampled={sampled!r}, population={population!r}")
     return {k: control[k] + (sampled / population) * mean_delta[k] for k in control}
@@ -277,6 +331,16 @@ def apfl_update(
     ``w ← w − lr ∇f(w)``, ``v ← v − lr ∇_v f(v̄)``, ``α ← clamp(α − alpha_lr ∇_α f(v̄), 0, 1)``.
     Upload: ``θ − w_K``; new state: ``(v_K, α_K)``. ``aux["query_loss"]`` is the query loss of the
     final mixed model ``v̄_K``. A stored ``α`` outside ``[0, 1]`` is clamped first.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received global parameters ``θ``, by name.
+        personal: the client's state row: its personal model ``v`` and mixing weight ``α`` (``APFL_ALPHA_KEY``).
+        task: the client's task (support and query sets, optional masks and step budget).
+        lr: the local step size of ``w`` and ``v``.
+        inner_steps: the local steps.
+        alpha_lr: the step size of the mixing weight ``α`` (``>= 0``; ``0`` keeps it fixed).
+        use_query: train on support and query (``True``) or on the support set only.
     """
     if APFL_ALPHA_KEY in params:
         raise ValueError(f"Expected no parameter named {APFL_ALPHA_KEY!r} (the key of APFL's mixing weight)")

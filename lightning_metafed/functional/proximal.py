@@ -23,7 +23,7 @@ from lightning_metafed.functional.adapt import (
     keep_after_budget,
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
-from lightning_metafed.functional.updates import (
+from lightning_metafed.functional.local_training import (
     detached_params,
     fedavg_update,
     local_data,
@@ -35,7 +35,13 @@ __all__ = ["fedbabu_update", "fedprox_update", "pfedme_personalize", "pfedme_upd
 
 def proximal_loss(loss_fn: LossFn, anchor: Mapping[str, Tensor], strength: float) -> LossFn:
     """``p ↦ loss_fn(p) + strength/2 · ‖p − anchor‖²`` over the entries of ``anchor`` (the anchor
-    is a constant: no gradient flows to it)."""
+    is a constant: no gradient flows to it).
+
+    Args:
+        loss_fn: the loss to regularize, ``loss_fn(params, x, y, mask) -> scalar``.
+        anchor: the point the proximal term pulls towards, by parameter name.
+        strength: the proximal coefficient (``μ`` or ``λ``).
+    """
     anchor = detached_params(anchor)
 
     def regularized(p: Mapping[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
@@ -64,6 +70,16 @@ def fedprox_update(
     mini-batches of ``batch_size``), so each SGD step is ``w ← w − lr (∇F_B(w) + μ (w − θ))``.
     Upload ``θ − w``; ``μ = 0`` is FedAvg. ``aux["support_loss"]`` is ``F`` at ``θ`` on the first
     mini-batch (the proximal term is 0 there).
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received model ``θ``, by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the local optimizer.
+        mu: ``μ >= 0``, the proximal strength (``0``: FedAvg).
+        local_epochs: passes over the local data.
+        batch_size: the local mini-batch size (``None``: full batch).
+        use_query: train on support and query (``True``) or on the support set only.
     """
     if not mu >= 0:
         raise ValueError(f"Expected `mu` >= 0, got {mu!r}")
@@ -90,6 +106,16 @@ def fedbabu_update(
     FedAvg's local loop with the head ``φ`` (``head_names``) frozen at the received values, which
     stay those of its initialization: only the body ``θ_B`` trains, ``b = U(θ_B; φ)``.
     Upload: ``θ_B − b`` (body entries only: the head is never uploaded or aggregated).
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received model ``θ``, by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the local optimizer of the body.
+        head_names: the head's parameters, frozen (a non-empty proper subset of ``params``).
+        local_epochs: passes over the local data.
+        batch_size: the local mini-batch size (``None``: full batch).
+        use_query: train on support and query (``True``) or on the support set only.
     """
     missing = [n for n in head_names if n not in params]
     if not head_names or missing or set(head_names) == set(params):
@@ -118,7 +144,19 @@ def pfedme_personalize(
 ) -> Params:
     """pFedMe's personalized model: ``steps`` (K) steps of ``optimizer`` from ``start`` on
     ``f(θ; D) + λ/2 ‖θ − w‖²`` with ``w = anchor``: an approximate ``θ̂(w) = prox_{f/λ}(w)``. With
-    ``SGD(lr=p)`` each step is the paper's ``θ ← θ − p (∇f(θ; D) + λ (θ − w))``. Detached."""
+    ``SGD(lr=p)`` each step is the paper's ``θ ← θ − p (∇f(θ; D) + λ (θ − w))``. Detached.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        anchor: ``w``, the local model the proximal term pulls towards.
+        start: the parameters the ``K`` steps start from (a warm start).
+        x: the mini-batch's inputs.
+        y: the mini-batch's targets.
+        mask: ``[N]``, 1 for real examples and 0 for padding (``None``: all real).
+        optimizer: the optimizer of the personalization steps.
+        steps: ``K``, how many steps.
+        lam: ``λ``, the proximal strength.
+    """
     regularized = proximal_loss(loss_fn, anchor, lam)
     final = adapt(regularized, detached_params(start), x, y, optimizer=optimizer, steps=steps, mask=mask, first_order=True)
     return detached_params(final)
@@ -126,7 +164,7 @@ def pfedme_personalize(
 
 def _cycled_batch(x: Tensor, y: Tensor, mask: Tensor | None, r: int, b: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Mini-batch ``r`` of ``b`` consecutive examples, cycling over the real ones only (padding sorts
-    last in :func:`~lightning_metafed.functional.updates.local_data`; the last batch may be partial)."""
+    last in :func:`~lightning_metafed.functional.local_training.local_data`; the last batch may be partial)."""
     n = x.shape[0]
     if mask is None:
         start = (r % -(-n // b)) * b
@@ -136,6 +174,20 @@ def _cycled_batch(x: Tensor, y: Tensor, mask: Tensor | None, r: int, b: int) -> 
     valid = index < n
     index = index.clamp(max=n - 1)
     return x.index_select(0, index), y.index_select(0, index), mask.index_select(0, index) * valid
+
+
+def _check_pfedme_arguments(
+    *, lam: float, lr: float, beta: float, local_steps: int, personal_steps: int, batch_size: int | None
+) -> None:
+    """Raise ``ValueError`` naming the first of :func:`pfedme_update`'s arguments out of range: ``lam``,
+    ``lr``, ``beta`` must be ``> 0``, ``local_steps`` and a ``batch_size`` ``>= 1``, ``personal_steps`` ``>= 0``."""
+    for name, value in (("lam", lam), ("lr", lr), ("beta", beta)):
+        if not value > 0:
+            raise ValueError(f"Expected `{name}` > 0, got {value!r}")
+    counts = (("local_steps", local_steps, 1), ("personal_steps", personal_steps, 0), ("batch_size", batch_size, 1))
+    for name, value, least in counts:
+        if value is not None and value < least:
+            raise ValueError(f"Expected `{name}` >= {least}, got {value!r}")
 
 
 def pfedme_update(
@@ -165,14 +217,21 @@ def pfedme_update(
     Upload ``β (θ − w_R)``: with server ``SGD(lr=1)`` and a mean aggregator the server step is the
     paper's ``θ ← (1 − β) θ + β · mean_i w_{R,i}``. ``aux["query_loss"]`` is the query loss of the
     last personalized model ``θ_{R−1}``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received model ``θ``, by parameter name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the optimizer of the personalization steps.
+        personal_steps: ``K``, the personalization steps per local round (``>= 0``).
+        lam: ``λ > 0``, the proximal strength.
+        lr: ``η > 0``, the local model's step size.
+        local_steps: ``R``, the local rounds (``>= 1``).
+        beta: ``β > 0``, the scale of the upload (``1``: plain averaging of the local models).
+        batch_size: the mini-batch size of each local round (``None``: every real local example).
+        use_query: train on support and query (``True``) or on the support set only.
     """
-    for name, value in (("lam", lam), ("lr", lr), ("beta", beta)):
-        if not value > 0:
-            raise ValueError(f"Expected `{name}` > 0, got {value!r}")
-    counts = (("local_steps", local_steps, 1), ("personal_steps", personal_steps, 0), ("batch_size", batch_size, 1))
-    for name, value, least in counts:
-        if value is not None and value < least:
-            raise ValueError(f"Expected `{name}` >= {least}, got {value!r}")
+    _check_pfedme_arguments(lam=lam, lr=lr, beta=beta, local_steps=local_steps, personal_steps=personal_steps, batch_size=batch_size)
     theta = detached_params(params)
     x, y, mask = local_data(task, use_query)
     b = x.shape[0] if batch_size is None else min(batch_size, x.shape[0])

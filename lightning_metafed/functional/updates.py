@@ -1,4 +1,6 @@
-"""Client-update rules, one per paper, for a single client's task.
+"""Client-update rules, one per paper, for a single client's task: the meta-learning rules (MAML,
+FOMAML, ANIL, Meta-SGD, Per-FedAvg) here, and the local-training rules (Reptile, FedAvg) in
+:mod:`~lightning_metafed.functional.local_training`, re-exported here.
 
 Each ``*_update`` function returns ``(update, aux)`` where ``update`` is the dict of tensors the
 client uploads — a *pseudo-gradient* with the meta-parameters' shapes, so that the server step
@@ -23,10 +25,16 @@ from lightning_metafed.functional.adapt import (
     LossFn,
     iterate_adaptation,
     keep_after_budget,
-    keep_where,
 )
 from lightning_metafed.functional.client_task import Aux, ClientTask, Params
 from lightning_metafed.functional.inner import LearningRate
+from lightning_metafed.functional.local_training import (  # re-exported: this module is their public path
+    detached_params,
+    fedavg_update,
+    local_data,
+    params_difference,
+    reptile_update,
+)
 
 __all__ = [
     "maml_objective",
@@ -41,34 +49,6 @@ __all__ = [
     "local_data",
     "params_difference",
 ]
-
-
-def detached_params(params: Mapping[str, Tensor]) -> Params:
-    """``params`` cut from the graph (local training is first-order from here)."""
-    return {k: v.detach() for k, v in params.items()}
-
-
-def params_difference(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Params:
-    """``before − after`` for every entry of ``before`` (a pseudo-gradient upload)."""
-    return {k: before[k] - after[k] for k in before}
-
-
-def local_data(task: ClientTask, use_query: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A client's training data: its support set, or support and query concatenated."""
-    if not use_query:
-        return task.support_x, task.support_y, task.support_mask
-    x = torch.cat([task.support_x, task.query_x], dim=0)
-    y = torch.cat([task.support_y, task.query_y], dim=0)
-    mask = None
-    if task.support_mask is not None or task.query_mask is not None:
-        ones = torch.ones
-        sm = task.support_mask if task.support_mask is not None else ones(task.support_x.shape[0], device=x.device)
-        qm = task.query_mask if task.query_mask is not None else ones(task.query_x.shape[0], device=x.device)
-        mask = torch.cat([sm.float(), qm.float()], dim=0)
-        # Real examples first, padding last, so mini-batches hold the same real examples as unpadded data.
-        order = torch.argsort(mask, descending=True, stable=True)
-        x, y, mask = x[order], y[order], mask[order]
-    return x, y, mask
 
 
 # --------------------------------------------------------------------------------------------- MAML
@@ -91,6 +71,16 @@ def maml_objective(
     (Finn, Abbeel & Levine, 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
     Networks"; for one SGD step ``U_1(θ) = θ − α ∇L_support(θ)``). Returns ``(loss, aux)`` with
     ``aux = {"support_loss": L_support(θ), "query_loss": L_query(U_K(θ))}`` (detached).
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received (meta-)parameters ``θ``, by name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        inner_steps: how many inner steps on the support set.
+        first_order: detach the inner gradients (FOMAML).
+        adapt_names: the parameters the inner loop adapts; ``None`` adapts all.
+        lr: overrides the inner optimizer's learning rate (Meta-SGD's learned rates); ``None``: its own.
     """
     support_loss = None
     adapted: Params = dict(params)
@@ -132,6 +122,32 @@ def maml_update(
     inner step and the inner optimizer's state (Finn et al., 2017).
     ``first_order=True`` (FOMAML, same paper, Sec. 5.2): inner gradients are treated as constants,
     so the update is ``∇L_query`` evaluated at the adapted parameters.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received (meta-)parameters ``θ``, by name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        inner_steps: how many inner steps on the support set.
+        first_order: FOMAML: treat the inner gradients as constants.
+        adapt_names: the parameters the inner loop adapts; ``None`` adapts all (the meta-gradient
+            reaches every parameter).
+
+    Example:
+        One client fitting ``y = 3x`` with the model ``w·x``, from ``w = 0``:
+
+        >>> import torch
+        >>> from lightning_metafed.functional import ClientTask, maml_update, mse_loss
+        >>> from lightning_metafed.inner import SGD
+        >>> loss_fn = lambda params, x, y, mask: mse_loss(x * params["w"], y, mask)
+        >>> x = torch.linspace(-1, 1, 11).unsqueeze(-1)
+        >>> task = ClientTask(x[::2], 3 * x[::2], x[1::2], 3 * x[1::2])  # support, query
+        >>> update, aux = maml_update(loss_fn, {"w": torch.zeros(1)}, task, optimizer=SGD(lr=0.1), inner_steps=1)
+        >>> round(update["w"].item(), 4), round(aux["query_loss"].item(), 4)
+        (-1.5783, 2.3675)
+        >>> fomaml, _ = maml_update(loss_fn, {"w": torch.zeros(1)}, task, optimizer=SGD(lr=0.1), inner_steps=1, first_order=True)
+        >>> round(fomaml["w"].item(), 4)  # without the (I − α∇²L_support) factor
+        -1.7408
     """
     return torch.func.grad(
         lambda p: maml_objective(
@@ -161,6 +177,15 @@ def anil_update(
 
     MAML whose inner loop adapts only the head ``φ ⊂ θ``; the meta-gradient still reaches the body
     through the query loss: ``∇_θ L_query(θ_body, U_K(φ))``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received (meta-)parameters ``θ``, by name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        head_names: the head's parameters, the only ones the inner loop adapts.
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        inner_steps: how many inner steps on the support set.
+        first_order: treat the inner gradients as constants (first-order ANIL).
     """
     return maml_update(
         loss_fn,
@@ -190,6 +215,16 @@ def meta_sgd_update(
     parameters' shape (``lrs``). Both the initialization and ``α`` are meta-learned with their true
     gradients ``(∇_θ, ∇_α) L_query(θ')`` — for one step ``∇_α = −∇L_support(θ) ∘ ∇L_query(θ')``.
     Returns ``((grad_params, grad_lrs), aux)``.
+
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received (meta-)parameters ``θ``, by name.
+        lrs: the learned inner learning rates ``α``, by parameter name, shaped like the parameters (or scalars).
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the differentiable inner optimizer (``init`` and ``step``).
+        inner_steps: how many inner steps on the support set.
+        first_order: treat the inner gradients as constants.
+        adapt_names: the parameters the inner loop adapts; ``None`` adapts all.
     """
     return torch.func.grad(
         lambda p, a: maml_objective(
@@ -207,106 +242,17 @@ def meta_sgd_update(
     )(dict(params), dict(lrs))
 
 
-# ------------------------------------------------------------------------- parameter-delta rules
-
-
-def reptile_update(
-    loss_fn: LossFn,
-    params: Mapping[str, Tensor],
-    task: ClientTask,
-    *,
-    optimizer: InnerStep,
-    inner_steps: int,
-    use_query: bool = True,
-) -> tuple[Params, Aux]:
-    """Reptile client update ``θ − θ_K`` (Nichol, Achiam & Schulman, 2018, "On First-Order
-    Meta-Learning Algorithms").
-
-    ``θ_K`` is ``inner_steps`` steps of the inner optimizer on the client's data (support, plus query
-    when ``use_query``). With server ``SGD(lr=ε)`` the outer step is ``θ ← θ + ε · mean_i(θ_K,i − θ)``.
-    """
-    theta = detached_params(params)
-    x, y, mask = local_data(task, use_query)
-    support_loss = None
-    final: Params = theta
-    for final, loss in iterate_adaptation(
-        loss_fn, theta, x, y, optimizer=optimizer, steps=inner_steps, mask=mask, first_order=True, num_steps=task.num_steps
-    ):
-        if support_loss is None:
-            support_loss = loss
-    if support_loss is None:
-        support_loss = loss_fn(theta, x, y, mask)
-    final = detached_params(final)
-    return params_difference(theta, final), {"support_loss": support_loss.detach()}
-
-
-def fedavg_update(
-    loss_fn: LossFn,
-    params: Mapping[str, Tensor],
-    task: ClientTask,
-    *,
-    optimizer: InnerStep,
-    local_epochs: int = 1,
-    batch_size: int | None = None,
-    use_query: bool = True,
-    adapt_names: Sequence[str] | None = None,
-) -> tuple[Params, Aux]:
-    """FedAvg client update ``θ − θ_local`` (McMahan et al., 2017, "Communication-Efficient
-    Learning of Deep Networks from Decentralized Data").
-
-    ``θ_local``: ``local_epochs`` passes over all local data (support and, with ``use_query``,
-    query) in consecutive mini-batches of ``batch_size`` (``None``: full batch), one inner-optimizer
-    step each, the optimizer state carried across the local run. With server ``SGD(lr=1)`` and
-    sample-count weights the server step is exactly FedAvg's weighted average of ``θ_local``.
-    ``adapt_names`` (default: all) are the entries trained; the others stay as received (their
-    upload entries are zero). A mini-batch holding only padding (mask 0; padding sorts last) changes
-    neither the parameters, the optimizer state nor the step count, so a client's update does not
-    depend on its padding.
-    """
-    x, y, mask = local_data(task, use_query)
-    n = x.shape[0]
-    b = n if batch_size is None else min(batch_size, n)
-    theta = detached_params(params)
-    trained = set(theta) if adapt_names is None else set(adapt_names)
-    if not trained <= set(theta):
-        raise ValueError(f"Expected `adapt_names` to name parameters among {sorted(theta)}, got {sorted(trained - set(theta))!r}")
-    frozen = {k: v for k, v in theta.items() if k not in trained}
-    local = {k: v for k, v in theta.items() if k in trained}
-    state = optimizer.init(local)
-    first_loss = None
-    k = done = 0  # local optimizer steps so far, and (with a mask) those on real data; ``task.num_steps`` caps them
-    for _ in range(local_epochs):
-        for start in range(0, n, b):
-            sl = slice(start, start + b)
-            grads, loss = torch.func.grad_and_value(
-                lambda p: loss_fn({**frozen, **p}, x[sl], y[sl], None if mask is None else mask[sl])
-            )(local)
-            if first_loss is None:
-                first_loss = loss
-            stepped, stepped_state = optimizer.step(local, {n: g.detach() for n, g in grads.items()}, state)
-            if mask is None:  # past the budget the state still advances, unused: the parameters stay
-                local, state = keep_after_budget(task.num_steps, k, detached_params(stepped), local), stepped_state
-            else:  # a mini-batch of padding only is no step and does not count against the budget
-                active = _real_step(mask[sl], task.num_steps, done)
-                local, state = keep_where(active, detached_params(stepped), local), keep_where(active, stepped_state, state)
-                done = done + active.long()
-            k += 1
-    if first_loss is None:
-        first_loss = loss_fn(theta, x, y, mask)
-    return params_difference(theta, {**frozen, **local}), {"support_loss": first_loss.detach()}
-
-
-def _real_step(batch_mask: Tensor, num_steps: Tensor | int | None, done: Tensor | int) -> Tensor:
-    """Whether a masked mini-batch is a local step: it holds a real example and the client's step
-    budget (``num_steps``, or none) exceeds the ``done`` real steps so far."""
-    active = batch_mask.sum() > 0
-    if num_steps is None:
-        return active
-    return active & (torch.as_tensor(num_steps, device=active.device) > done)
+# ------------------------------------------------------------------------------------- Per-FedAvg
 
 
 def hvp(loss: Callable[[Params], Tensor], params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
-    """Exact Hessian-vector product ``∇²loss(θ) · v`` (forward-over-reverse autodiff)."""
+    """Exact Hessian-vector product ``∇²loss(θ) · v`` (forward-over-reverse autodiff).
+
+    Args:
+        loss: the scalar function of the parameters whose Hessian is taken.
+        params: the point ``θ`` the Hessian is evaluated at.
+        vector: ``v``, by parameter name, shaped like ``params``.
+    """
     return torch.func.jvp(torch.func.grad(loss), (dict(params),), (dict(vector),))[1]
 
 
@@ -342,15 +288,24 @@ def per_fedavg_update(
     """Per-FedAvg client update ``θ − θ_local`` (Fallah, Mokhtari & Ozdaglar, 2020, "Personalized
     Federated Learning with Theoretical Guarantees: A Model-Agnostic Meta-Learning Approach").
 
-    Each of ``local_steps`` (τ) local steps, with batches ``D`` (support), ``D'`` and ``D''``:
+    Each of the ``τ = local_steps`` local steps, with batches ``D`` (support), ``D'`` and ``D''``:
 
-    - ``θ̃ = θ − α ∇f(θ, D)`` (``inner_steps`` steps of the inner optimizer with its lr set to ``α``);
-    - FO: ``θ ← θ − β ∇f(θ̃, D')``;
-    - HF: ``θ ← θ − β (I − α ∇²f(θ, D'')) ∇f(θ̃, D')`` with an exact Hessian-vector product.
+    - ``θ̃ = θ − α ∇f(θ, D)``: ``inner_steps`` steps of the inner optimizer with its lr set to ``α``;
+    - ``θ ← θ − β ∇f(θ̃, D')`` (FO) or ``θ ← θ − β (I − α ∇²f(θ, D'')) ∇f(θ̃, D')`` (HF).
 
-    ``D'`` is the query set. For HF, ``hessian_batch="query_split"`` uses the query's first half as
-    ``D'`` and its second half as the independent ``D''`` (as the paper requires);
-    ``"support"`` uses ``D'' = D``, which makes the HF step equal the exact MAML meta-gradient.
+    Args:
+        loss_fn: ``loss_fn(params, x, y, mask) -> scalar``, the model's loss with parameters ``params``.
+        params: the received (meta-)parameters ``θ``, by name.
+        task: the client's task (support and query sets, optional masks and step budget).
+        optimizer: the inner optimizer of the ``θ̃`` step (its learning rate is set to ``alpha``).
+        alpha: ``α``, the inner (personalization) step size.
+        beta: ``β``, the local meta step size.
+        local_steps: ``τ``, how many local meta steps.
+        inner_steps: how many inner-optimizer steps make ``θ̃``.
+        variant: ``"fo"`` (first-order) or ``"hf"`` (Hessian-free, with an exact Hessian-vector product).
+        hessian_batch: ``D'`` and ``D''`` under HF (FO: ``D'`` is the query set): ``"query_split"``, the
+            query's first and second halves (independent, as the paper requires), or ``"support"``, the
+            query set and ``D'' = D`` (which makes the HF step the exact MAML meta-gradient).
     """
     theta = detached_params(params)
     sx, sy, sm = task.support_x, task.support_y, task.support_mask

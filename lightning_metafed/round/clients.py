@@ -109,7 +109,7 @@ class ClientRunner:
         compiled: bool = False,
     ) -> Any:
         """``fn(*shared, *client_i)`` for every client; ``per_client`` holds stacked inputs (a
-        :class:`ClientTask`, dicts of ``[m, ...]`` tensors)."""
+        :class:`~lightning_metafed.functional.ClientTask`, dicts of ``[m, ...]`` tensors)."""
         m = tree_flatten(per_client[0])[0][0].shape[0]
         vmap_error = None
         if self.vectorized:
@@ -132,9 +132,15 @@ class ClientRunner:
 class World:
     """The processes sharing a round: ``size``, this process's ``rank`` and its collectives.
 
-    ``all_gather(dict of tensors) -> dict of [size, ...]`` and ``all_reduce_sum(tensor) -> tensor``
-    are needed only when ``size > 1`` (Lightning's ``LightningModule.all_gather`` and the strategy's
-    ``reduce(..., reduce_op="sum")``).
+    The collectives are needed only when ``size > 1`` (Lightning's ``LightningModule.all_gather``
+    and the strategy's ``reduce(..., reduce_op="sum")``).
+
+    Attributes:
+        size: the number of processes.
+        rank: this process's rank.
+        all_gather: ``all_gather(dict of tensors) -> dict of [size, ...]`` (``None`` on one process).
+        all_reduce_sum: ``all_reduce_sum(tensor) -> tensor``, the sum over processes (``None`` on one
+            process).
     """
 
     size: int = 1

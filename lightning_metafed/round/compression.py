@@ -71,7 +71,16 @@ def compress_uploads(
 ) -> tuple[dict[str, dict[str, Tensor]], Params, Params | None]:
     """The clients' side and the server's side of compression for ``updates`` ``{name: [m, *shape]}``:
     ``(encoded, decoded, new residual)``. With ``residual`` the clients encode ``u + e`` and keep
-    ``u + e − decoded`` (``None`` without). Rows of non-finite clients decode to NaN and keep ``e``."""
+    ``u + e − decoded`` (``None`` without). Rows of non-finite clients decode to NaN and keep ``e``.
+
+    Args:
+        compressor: the compressor the clients encode with.
+        updates: the clients' uploads ``{name: [m, *shape]}``.
+        round_idx: the round (the compressor's randomness is a pure function of it).
+        client_id: the clients' ids, which seed their random streams (``None``: row positions).
+        residual: the clients' error-feedback residuals ``e``, shaped like ``updates`` (``None``: no
+            error feedback).
+    """
     sent = dict(updates) if residual is None else {k: u + residual[k] for k, u in updates.items()}
     encoded = compressor.encode_all(sent, round_idx, client_id)
     decoded = compressor.decode_all(encoded, sent)

@@ -78,7 +78,12 @@ class CommunicationMeter(CountingLedger):
 
 class FaultLedger(CountingLedger):
     """Dropouts, Byzantine uploads, rejected (non-finite) uploads and skipped rounds, this round
-    and in total. Logged as ``faults/*`` (with ``faults``) and ``robust/*`` (with rejection)."""
+    and in total. Logged as ``faults/*`` (with ``faults``) and ``robust/*`` (with rejection).
+
+    Args:
+        faults: the module's simulated faults (``None``: none; the ``faults/*`` metrics are then not logged).
+        reject_nonfinite: whether non-finite uploads are rejected (then ``robust/*`` is logged).
+    """
 
     key = "metafed_faults"
 
@@ -137,6 +142,9 @@ class PrivacyLedger:
     as ``privacy/clip_norm``). The checkpoint holds the accountant's history (and that clip norm)
     only: a drawn noise seed is never written anywhere, or whoever reads the checkpoint could
     regenerate and subtract the noise.
+
+    Args:
+        privacy: the module's client-level DP, whose accountant, sampling rate and clip norm it tracks.
     """
 
     key = "metafed_privacy"
@@ -147,7 +155,7 @@ class PrivacyLedger:
         self.sample_rate: float | None = privacy.sample_rate
         self.noise_seed: int | None = None
         self.last_clipped = 0
-        #: This round's clip norm: ``privacy.clip_norm``, then (adaptive clipping) the last round's update.
+        #: This round's clip norm, ``privacy.clip_norm`` at first, then (adaptive clipping) the last round's update.
         self.clip_norm = privacy.clip_norm
 
     def resolve_noise_seed(self, broadcast: Callable[[int], int] | None = None) -> int:
@@ -235,7 +243,13 @@ class PrivacyLedger:
 
 
 class RoundLedgers:
-    """The ledgers of one module: communication and faults always, privacy under ``privacy``."""
+    """The ledgers of one module: communication and faults always, privacy under ``privacy``.
+
+    Args:
+        faults: the module's simulated faults (``None``: none).
+        reject_nonfinite: whether non-finite uploads are rejected.
+        privacy: the module's client-level DP (``None``: no privacy ledger).
+    """
 
     def __init__(self, faults: ClientFaults | None, reject_nonfinite: bool, privacy: ClientDP | None):
         self.communication = CommunicationMeter()

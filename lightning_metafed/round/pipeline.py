@@ -46,7 +46,16 @@ def python_warning(message: str) -> None:
 @dataclass(frozen=True)
 class RoundCounts:
     """How many clients a round sampled, kept, saw attack, rejected, and (under DP) clipped; under DP
-    also the clip norm the next round uses (``next_clip_norm``: changed only by adaptive clipping)."""
+    also the clip norm the next round uses (``next_clip_norm``: changed only by adaptive clipping).
+
+    Attributes:
+        sampled: the clients the round sampled.
+        survivors: the sampled clients that did not drop out.
+        byzantine: the survivors whose upload was replaced by an attack.
+        rejected: the uploads dropped for holding NaN/inf.
+        clipped: under DP, the uploads whose norm exceeded the clip norm.
+        next_clip_norm: under DP, the clip norm of the next round (``None``: unchanged).
+    """
 
     sampled: int
     survivors: int
@@ -62,7 +71,12 @@ class RoundCounts:
 
 @dataclass(frozen=True)
 class StateRows:
-    """New per-client state rows ``{name: [k, ...]}`` of the clients ``client_id`` (in row order)."""
+    """New per-client state rows ``{name: [k, ...]}`` of the clients ``client_id`` (in row order).
+
+    Attributes:
+        client_id: the ``k`` clients' ids, in row order.
+        rows: their new rows, ``{name: [k, ...]}``.
+    """
 
     client_id: Any
     rows: Params
@@ -99,7 +113,12 @@ def sample_survivors(
 ) -> TaskBatch | None:
     """The round's surviving clients with their step budgets; ``None`` when every client dropped out.
 
-    ``step_bound`` is ``(argument, value)`` that a step budget may not exceed (``None``: any).
+    Args:
+        batch: the round's sampled clients.
+        faults: the simulated dropout and heterogeneous compute (``None``: every client survives
+            with no step budget).
+        round_idx: the round (the faults are a pure function of it).
+        step_bound: ``(argument, value)`` that a step budget may not exceed (``None``: any).
     """
     if faults is None:
         return batch
@@ -199,7 +218,15 @@ def screen_and_aggregate(
     uploads: Uploads, screen: UploadScreen, aggregation: Aggregation, round_idx: int, counts: RoundCounts
 ) -> tuple[Params, Uploads, RoundCounts]:
     """The server's side of the uploads: screening, then aggregation, then the finiteness check.
-    Returns the aggregate, the accepted uploads and the updated counts."""
+    Returns the aggregate, the accepted uploads and the updated counts.
+
+    Args:
+        uploads: the surviving clients' uploads.
+        screen: the attack injection and non-finite screening stage.
+        aggregation: the aggregator or client-level DP stage.
+        round_idx: the round.
+        counts: the round's client counts so far.
+    """
     uploads, counts = screen(uploads, round_idx, counts)
     aggregate, counts = aggregation(uploads, round_idx, counts)
     check_finite_aggregate(aggregate, round_idx)
@@ -208,11 +235,21 @@ def screen_and_aggregate(
 
 @dataclass(frozen=True)
 class RoundPipeline:
-    """The stages of one round. ``fast_path``: use the computation's mean gradient when the
-    aggregate is a plain (weighted) mean of loss gradients (no attack, DP or state in the way);
-    ``loss_scale``: a mixed-precision loss scale for its backward; ``download``: what each sampled
-    client receives, when not all the parameters (only its size is used, for accounting);
-    ``compression``: the clients encode their uploads and the server decodes them (no fast path)."""
+    """The stages of one round.
+
+    Attributes:
+        computation: the client computation (every survivor's upload, or the fast path's mean).
+        screen: the attack injection and non-finite screening of the uploads.
+        aggregation: the aggregator, or client-level DP.
+        faults: the simulated dropout and heterogeneous compute (``None``: none).
+        step_bound: ``(argument, value)`` that a client's step budget may not exceed (``None``: any).
+        fast_path: use the computation's mean gradient when the aggregate is a plain (weighted)
+            mean of loss gradients (no attack, DP or state in the way).
+        loss_scale: a mixed-precision loss scale for the fast path's backward.
+        download: what each sampled client receives, when not all the parameters (only its size is
+            used, for accounting).
+        compression: the clients encode their uploads and the server decodes them (no fast path).
+    """
 
     computation: ClientComputation
     screen: UploadScreen
@@ -225,6 +262,12 @@ class RoundPipeline:
     compression: UploadCompression | None = None
 
     def run(self, batch: TaskBatch, params: Mapping[str, Tensor], round_idx: int) -> RoundResult:
+        """Round ``round_idx`` on the sampled clients of ``batch``, from the server's ``params``.
+
+        The stages in order: the surviving clients (faults), the client computation (the fast path's
+        mean gradient, or every survivor's upload), compression, screening and aggregation (or DP).
+        The server step is the caller's, with the returned :class:`RoundResult`'s aggregate.
+        """
         sampled = batch.num_clients
         self.computation.world.check_round(sampled)
         download = payload_bytes(params if self.download is None else self.download)  # every sampled client receives it

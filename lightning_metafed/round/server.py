@@ -27,7 +27,12 @@ OnNonFinite = Literal["raise", "skip"]
 
 class NonFiniteRoundError(FloatingPointError):
     """A round produced NaN/inf: in the clients' uploads (``stage="uploads"``) or in the server
-    optimizer's step (``stage="server step"``). The parameters are as they were before the round."""
+    optimizer's step (``stage="server step"``). The parameters are as they were before the round.
+
+    Args:
+        message: what was non-finite and its likely cause (the exception's text).
+        stage: where the round went non-finite, ``"uploads"`` or ``"server step"`` (kept as ``stage``).
+    """
 
     def __init__(self, message: str, stage: Literal["uploads", "server step"]):
         super().__init__(message)
@@ -70,7 +75,13 @@ def nonfinite_names(params: Mapping[str, Tensor]) -> list[str]:
 
 
 def diagnose_server_step(optimizer: Any, params: Mapping[str, Tensor], names: list[str]) -> str:
-    """The likely cause of a server step that made ``names`` non-finite from a finite aggregate."""
+    """The likely cause of a server step that made ``names`` non-finite from a finite aggregate.
+
+    Args:
+        optimizer: the server optimizer (its first param group's ``eps`` and ``lr`` are read).
+        params: the parameters by name, after the step.
+        names: the parameters the step made non-finite.
+    """
     dtype = params[names[0]].dtype
     group = optimizer.param_groups[0]
     eps, lr = group.get("eps"), group.get("lr")
@@ -99,11 +110,17 @@ def server_step(
     optimizer leaves every parameter and its state alone; the step still counts). Parameters that do
     not require grad (frozen) get no gradient, so no optimizer moves them.
 
-    ``scale``: a mixed-precision gradient scaler's ``scale`` (it multiplies by the loss scale that
-    the scaler divides ``.grad`` by in the step), so the parameters move by the aggregate itself.
-
     If the step leaves a parameter non-finite, the parameters and the optimizer's state are restored
     to before the step and :class:`NonFiniteRoundError` (``stage="server step"``) is raised.
+
+    Args:
+        optimizer: the server optimizer (or Lightning's wrapper around it).
+        params: the server's parameters by name, which the step updates in place.
+        aggregate: the round's aggregated update ``{name: tensor}``, or ``None`` (no client survived).
+        scale: a mixed-precision gradient scaler's ``scale`` (it multiplies by the loss scale that
+            the scaler divides ``.grad`` by in the step), so the parameters move by the aggregate
+            itself; ``None`` without a scaler.
+        round_idx: the round, named in the error (``None``: not named).
     """
     snapshot = None if aggregate is None else StepSnapshot.take(optimizer, params)
     optimizer.zero_grad(set_to_none=True)
@@ -133,7 +150,13 @@ def write_gradients(
 ) -> None:
     """``.grad`` = the aggregate (times ``scale``) for every parameter that requires grad; ``None``
     everywhere when there is no aggregate, and for parameters the aggregate leaves out (e.g. a
-    personal head that never leaves the clients), so no optimizer moves them."""
+    personal head that never leaves the clients), so no optimizer moves them.
+
+    Args:
+        params: the parameters by name, whose ``.grad`` is written.
+        aggregate: the round's aggregated update ``{name: tensor}``, or ``None``.
+        scale: multiplies each gradient (a gradient scaler's ``scale``); ``None``: unscaled.
+    """
     for name, p in params.items():
         if aggregate is None or not p.requires_grad or name not in aggregate:
             p.grad = None

@@ -64,6 +64,7 @@ class InMemoryClientState:
             self.rows[key] = {name: value[i].detach().clone() for name, value in rows.items()}
 
     def state_dict(self) -> dict[str, Any]:
+        """Every stored client's row, ``{"rows": {client key: {name: tensor}}}`` (for a checkpoint)."""
         return {"rows": {k: dict(v) for k, v in self.rows.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -70,3 +70,23 @@ def test_bfloat16_uploads_are_quantized_unbiased():
     assert set(decoded.unique().tolist()) == {0.0, torch.tensor(0.6, dtype=torch.bfloat16).item()}
     # 20,000 draws: the standard error of the mean is 0.5 % of 0.3; a scale or rounding bias of 2 % fails
     assert abs(decoded.mean().item() / 0.3 - 1) < 0.02
+
+
+def test_rounds_run_by_hand_draw_anew_each_round():
+    """Outside a Trainer the round index is the number of rounds run so far (not a frozen global step),
+    so QSGD's rounding (like faults and DP noise) differs from round to round."""
+    import lightning_metafed as lm
+    from lightning_metafed.data import SinusoidClients
+    from lightning_metafed.nets import MLP
+
+    data = SinusoidClients(num_clients=20, clients_per_round=4, support_size=5, query_size=5, seed=0)
+    data.setup("fit")
+    batch = data.round_batch(0)
+    model = lm.MAML(MLP(1, [8], 1), compressor=QSGD(levels=1))  # weights fall between levels
+    expected = [model.run_round(batch, r).aggregate for r in (0, 1)]
+    first, _ = model.round_gradients(batch)
+    second, _ = model.round_gradients(batch)  # no server step in between: only the draws change
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    for got, want in zip((first, second), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.communication["rounds"] == 2

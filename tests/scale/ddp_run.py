@@ -1,9 +1,11 @@
 """A short fit + test with N CPU processes (gloo DDP); rank 0 saves its final state. Used by test_ddp.py.
 
-python tests/scale/ddp_run.py DEVICES OUT.pt {fast,explicit,robust,private}
+python tests/scale/ddp_run.py DEVICES OUT.pt {fast,explicit,robust,private,compressed}
 
 ``robust``: dropout (some rounds keep fewer clients than processes), step budgets and Byzantine
-clients under a trimmed mean; ``private``: the same faults under client-level DP with a fixed seed.
+clients under a trimmed mean; ``private``: the same faults under client-level DP with a fixed seed;
+``compressed``: dropout with ``TopK`` uploads and error feedback (residuals carried between the
+rounds the clients join; the residual rows are saved too).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 import lightning_metafed as lm
 from lightning_metafed.aggregators import TrimmedMean
+from lightning_metafed.compression import TopK
 from lightning_metafed.data import SyntheticClients
 from lightning_metafed.faults import ClientFaults
 from lightning_metafed.inner import SGD
@@ -30,6 +33,9 @@ def main(devices: int, out: Path, path: str) -> None:
         rounds_per_epoch=3, eval_clients_per_batch=2, seed=0,
     )
     extra = {}
+    if path == "compressed":
+        extra["faults"] = ClientFaults(dropout=0.5, seed=1)
+        extra["compressor"] = TopK(fraction=0.25)
     if path in ("robust", "private"):
         extra["faults"] = ClientFaults(dropout=0.5, step_choices=[1, 2], byzantine_fraction=0.2, seed=1)
         if path == "robust":
@@ -50,8 +56,10 @@ def main(devices: int, out: Path, path: str) -> None:
     log_dir = trainer.log_dir
     if trainer.is_global_zero:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        residuals = None if model.upload_residuals is None else model.upload_residuals.state_dict()["rows"]
         torch.save(
-            {"state": state, "test": results, "comm": model.communication, "faults": model.fault_counts, "log_dir": log_dir},
+            {"state": state, "test": results, "comm": model.communication, "faults": model.fault_counts, "log_dir": log_dir,
+             "residuals": residuals},
             out,
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():

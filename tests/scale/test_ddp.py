@@ -25,7 +25,7 @@ def run(devices: int, out: Path, path: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("path", ["fast", "explicit", "robust", "private"])
+@pytest.mark.parametrize("path", ["fast", "explicit", "robust", "private", "compressed"])
 def test_two_process_ddp_matches_one_process(path, tmp_path):
     single = run(1, tmp_path / "one.pt", path)
     double = run(2, tmp_path / "two.pt", path)
@@ -35,6 +35,12 @@ def test_two_process_ddp_matches_one_process(path, tmp_path):
         assert double["test"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert double["comm"] == single["comm"]
     assert double["faults"] == single["faults"]
+    if path == "compressed":  # every process compressed every client alike and kept the same residuals
+        assert single["residuals"] and double["residuals"].keys() == single["residuals"].keys()
+        for client, row in single["residuals"].items():
+            for name, value in row.items():
+                torch.testing.assert_close(double["residuals"][client][name], value, atol=1e-5, rtol=1e-5)
+        assert single["comm"]["upload_bytes"] < single["comm"]["download_bytes"] / 2  # encoded uploads
     if path in ("robust", "private"):
         assert single["faults"]["dropped_clients"] > 0 and single["faults"]["byzantine_uploads"] > 0
         # some round keeps fewer clients than processes: every process then computes all of them
