@@ -42,7 +42,7 @@ UNDOCUMENTED_ARGUMENTS = {
 }
 
 # ``.. autoclass:: name`` / ``.. py:function:: name(sig)``, then its ``   :option: value`` lines.
-DIRECTIVE = re.compile(r"^\.\. (?P<kind>auto\w+|py:\w+):: +(?P<name>[\w.]+)[^\n]*\n(?P<options>(?:[ \t]+:[\w-]+:[^\n]*\n)*)", re.M)
+DIRECTIVE = re.compile(r"^\.\. (?P<kind>auto\w+|py:\w+|module):: +(?P<name>[\w.]+)[^\n]*\n(?P<options>(?:[ \t]+:[\w-]+:[^\n]*\n)*)", re.M)
 
 
 with warnings.catch_warnings():
