@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_metafed._validation import ConfigObject, check_int, check_range
+from lightning_metafed.communication import payload_bytes
 from lightning_metafed.data.seeding import COMPRESS, finish, hash_state, unit_tensor
 from lightning_metafed.functional import compress as F
 
@@ -115,12 +116,8 @@ def encoded_bytes(encoded: Mapping[str, Mapping[str, Tensor]]) -> int:
     Args:
         encoded: the round's encodings ``{name: {part: [m, ...]}}``.
     """
-    total, m = 0, None
-    for parts in encoded.values():
-        for t in parts.values():
-            m = t.shape[0]
-            total += t.numel() * t.element_size()
-    return 0 if not m else total // m
+    rows = [t.shape[0] for parts in encoded.values() for t in parts.values()]
+    return sum(payload_bytes(parts) for parts in encoded.values()) // rows[-1] if rows and rows[-1] else 0
 
 
 def _check_bool(name: str, value: Any) -> bool:

@@ -6,14 +6,8 @@ randomness). The means, the finiteness check and the DP sums are defined here, t
 :mod:`~lightning_metafed.functional.stacked`:
 
 - :func:`weighted_mean`: ``Σ_i w_i Δ_i / Σ_i w_i`` (FedAvg; McMahan et al., 2017).
-- :func:`coordinate_median` and :func:`trimmed_mean`: coordinate-wise robust rules (Yin, Chen,
-  Ramchandran & Bartlett, 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
-  Rates").
 - :func:`clip_to_norm` and :func:`norm_bounded_mean`: each client's whole update scaled down to a
   norm bound (Sun, Kairouz, Suresh & McMahan, 2019, "Can You Really Backdoor Federated Learning?").
-- :func:`bucket_means`: means of consecutive groups of clients, the input of a robust rule under
-  bucketing (Karimireddy, He & Jaggi, 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
-  via Bucketing").
 - :func:`noisy_clipped_mean` and :func:`noised_sum_mean`: the DP-FedAvg aggregate
   ``(Σ_i clip(Δ_i) + noise) / m`` (McMahan, Ramage, Talwar & Zhang, 2018, "Learning Differentially
   Private Recurrent Language Models"), from the uploads or from their clipped sum (what a secure
@@ -21,11 +15,9 @@ randomness). The means, the finiteness check and the DP sums are defined here, t
   which owns the seeds. :func:`adaptive_clip_update` and :func:`adaptive_noise_multiplier`: adaptive
   clipping (Andrew, Thakkar, McMahan & Ramaswamy, 2021, "Differentially Private Learning with
   Adaptive Clipping").
-- :func:`krum`, :func:`multi_krum` (Blanchard, El Mhamdi, Guerraoui & Stainer, 2017, "Machine
-  Learning with Adversaries: Byzantine Tolerant Gradient Descent"), :func:`bulyan` (El Mhamdi,
-  Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium") and
-  :func:`centered_clip` (Karimireddy, He & Jaggi, 2021, "Learning from History for Byzantine Robust
-  Optimization"): rules that pick or clip whole client updates by their distances to each other.
+- the Byzantine-robust rules (:func:`coordinate_median`, :func:`trimmed_mean`, :func:`bucket_means`,
+  :func:`krum`, :func:`multi_krum`, :func:`bulyan`, :func:`centered_clip`), with their papers, are
+  described in :mod:`~lightning_metafed.functional.robust`.
 
 The norm of a client's update is taken over all of its parameters together. The functions keep the
 operation order of the aggregator classes they replaced, so results are bit-identical to them.
